@@ -1,0 +1,13 @@
+//! Guest-visible devices of pmemvm: legacy PC pieces, the virtio-mmio
+//! transport and virtio-pmem. Nothing here depends on KVM: the VMM wires
+//! devices to the guest through [`bus::BusDevice`] and [`Interrupt`].
+
+pub mod bus;
+pub mod legacy;
+pub mod ratelimit;
+pub mod size;
+
+/// A way for a device to raise its interrupt line (an irqfd in the VMM).
+pub trait Interrupt: Send + Sync {
+    fn trigger(&self) -> std::io::Result<()>;
+}

@@ -1,0 +1,16 @@
+//! The pmemvm virtual machine monitor: KVM set-up, guest memory, boot,
+//! vCPU threads and the run loop.
+
+pub mod boot;
+pub mod cmdline;
+pub mod cpu;
+pub mod exit;
+pub mod host;
+pub mod layout;
+pub mod mptable;
+mod vcpu;
+mod vm;
+
+pub use cmdline::HostQuirks;
+pub use devices::legacy::EXIT_PORT;
+pub use vm::{run, VmConfig, VmmError};

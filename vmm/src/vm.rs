@@ -1,0 +1,354 @@
+//! Building the VM from a [`VmConfig`] and running it to its end.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::bus::{Bus, BusError};
+use devices::legacy::{ExitPort, SerialConsole, EXIT_PORT, I8042};
+use devices::Interrupt;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError};
+use crate::cmdline::{self, CmdlineError, HostQuirks};
+use crate::cpu::{self, CpuError};
+use crate::exit::{ExitSignal, RunEnd};
+use crate::host::HostKind;
+use crate::layout::{self, MAX_MEMORY, MIB, MIN_MEMORY};
+use crate::mptable::{self, MpTableError};
+use crate::vcpu::{self, VcpuContext};
+
+/// Where KVM puts the three pages of its real-mode TSS: just below the BIOS.
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+const SERIAL_PORT: u64 = 0x3f8;
+const I8042_PORT: u64 = 0x60;
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The user's part of the guest command line.
+    pub cmdline: String,
+    pub memory: u64,
+    pub vcpus: u8,
+    pub host_quirks: HostQuirks,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("/dev/kvm does not exist: pmemvm needs KVM. Load kvm_intel or kvm_amd (modprobe), or enable virtualization in the firmware or nested virtualization on the host")]
+    NoKvm,
+    #[error("no permission to open /dev/kvm: run as root or add your user to the 'kvm' group (then log in again)")]
+    KvmPermission,
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(kvm_ioctls::Error),
+    #[error("KVM API version {0} is not the supported version 12")]
+    KvmApi(i32),
+    #[error("this KVM lacks {0}, which pmemvm needs")]
+    KvmCap(&'static str),
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("--memory {got} MiB is too little: a Linux guest needs at least {min} MiB", got = .0 / MIB, min = MIN_MEMORY / MIB)]
+    TooLittleMemory(u64),
+    #[error("--memory {got} MiB is more than pmemvm supports ({max} MiB)", got = .0 / MIB, max = MAX_MEMORY / MIB)]
+    TooMuchMemory(u64),
+    #[error("--memory must be a multiple of 4 KiB")]
+    UnalignedMemory,
+    #[error("cannot allocate {size} MiB of guest memory: {detail}", size = .size / MIB)]
+    GuestMemory { size: u64, detail: String },
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Cmdline(#[from] CmdlineError),
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the guest stopped: {0}")]
+    GuestFault(String),
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
+fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> VmmError {
+    move |source| VmmError::Io { what, source }
+}
+
+fn open_kvm() -> Result<Kvm, VmmError> {
+    let kvm = Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENXIO | libc::ENODEV => VmmError::NoKvm,
+        libc::EACCES | libc::EPERM => VmmError::KvmPermission,
+        _ => VmmError::KvmOpen(e),
+    })?;
+    let api = kvm.get_api_version();
+    if api != 12 {
+        return Err(VmmError::KvmApi(api));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+        (Cap::Pit2, "an in-kernel PIT (KVM_CAP_PIT2)"),
+        (Cap::UserMemory, "user memory regions (KVM_CAP_USER_MEMORY)"),
+        (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+        (Cap::Ioeventfd, "ioeventfd (KVM_CAP_IOEVENTFD)"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::KvmCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+fn check_memory(size: u64) -> Result<(), VmmError> {
+    if size < MIN_MEMORY {
+        return Err(VmmError::TooLittleMemory(size));
+    }
+    if size > MAX_MEMORY {
+        return Err(VmmError::TooMuchMemory(size));
+    }
+    if size % 4096 != 0 {
+        return Err(VmmError::UnalignedMemory);
+    }
+    Ok(())
+}
+
+/// An interrupt line backed by an irqfd on a GSI of the in-kernel IOAPIC.
+struct IrqLine(EventFd);
+
+impl IrqLine {
+    fn register(vm: &VmFd, gsi: u32) -> Result<Arc<Self>, VmmError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(io_err("creating an irqfd"))?;
+        vm.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
+        Ok(Arc::new(Self(evt)))
+    }
+}
+
+impl Interrupt for IrqLine {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+fn create_guest_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmmError> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::GuestMemory {
+        size,
+        detail: e.to_string(),
+    })?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host =
+            mem.get_host_address(region.start_addr())
+                .map_err(|e| VmmError::GuestMemory {
+                    size,
+                    detail: e.to_string(),
+                })?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes owned
+        // by `mem`, which outlives the VM: run() keeps it until the end.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(mem)
+}
+
+/// Copies stdin to the serial console until EOF.
+fn spawn_stdin_reader(serial: Arc<Mutex<SerialConsole>>) {
+    let spawned = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 64];
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut pending = &buf[..n];
+                while !pending.is_empty() {
+                    let taken = serial
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .enqueue_input(pending);
+                    pending = &pending[taken..];
+                    if !pending.is_empty() {
+                        // The guest has not drained its receive FIFO yet.
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("no console input: cannot start the stdin thread: {e}");
+    }
+}
+
+/// Boots the guest and runs it until it exits; returns pmemvm's exit status.
+pub fn run(config: VmConfig) -> Result<i32, VmmError> {
+    let started = Instant::now();
+    check_memory(config.memory)?;
+    let mptable = mptable::build(config.vcpus)?;
+    let kvm = open_kvm()?;
+    let host = HostKind::detect();
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    let mem = create_guest_memory(&vm, config.memory)?;
+
+    let kernel = boot::load_kernel(&mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(&mem, path, &kernel, config.memory)?),
+        None => None,
+    };
+    let line = cmdline::assemble(host, config.host_quirks, &[], &config.cmdline)?;
+    if let Some(switches) = line.host_switches {
+        log::info!(
+            "host is {}: adding guest switches '{switches}' (turn off with --host-quirks off)",
+            host.describe()
+        );
+    }
+    log::debug!("guest command line: {}", line.line);
+    cpu::write_boot_tables(&mem)?;
+    mem.write_slice(&mptable, GuestAddress(layout::MPTABLE_ADDR))
+        .map_err(|e| BootError::GuestWrite {
+            what: "the MP table",
+            detail: e.to_string(),
+        })?;
+    let params = boot::zero_page(
+        &kernel,
+        line.line.len(),
+        initrd,
+        &layout::e820_map(config.memory),
+    );
+    boot::write_boot_data(&mem, &params, &line.line)?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(io_err("creating the exit eventfd"))?);
+    let serial_irq = IrqLine::register(&vm, layout::SERIAL_IRQ)?;
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        serial_irq,
+        Box::new(std::io::stdout()) as Box<dyn Write + Send>,
+    )));
+    let mut pio = Bus::new();
+    pio.insert(SERIAL_PORT, 8, serial.clone())?;
+    pio.insert(
+        I8042_PORT,
+        5,
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+    )?;
+    pio.insert(
+        u64::from(EXIT_PORT),
+        1,
+        Arc::new(Mutex::new(ExitPort::new(exit.clone()))),
+    )?;
+    spawn_stdin_reader(serial);
+
+    let cpuid = cpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for id in 0..config.vcpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        cpu::configure_vcpu(&fd, id, config.vcpus, &cpuid, kernel.entry)?;
+        vcpus.push(fd);
+    }
+    let ctx = Arc::new(VcpuContext {
+        pio,
+        mmio: Bus::new(),
+        mem: mem.clone(),
+        exit: exit.clone(),
+        stop: Default::default(),
+    });
+    vcpu::install_kick_handler().map_err(io_err("installing the vCPU kick signal handler"))?;
+    let mut threads = Vec::new();
+    for (id, fd) in vcpus.into_iter().enumerate() {
+        let ctx = ctx.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu::run(id as u8, fd, ctx))
+            .map_err(io_err("starting a vCPU thread"))?;
+        threads.push(handle);
+    }
+    log::debug!("guest started {:?} after pmemvm", started.elapsed());
+
+    let end = exit.wait();
+    stop_vcpus(&ctx, threads);
+    let _ = std::io::stdout().flush();
+    match end {
+        RunEnd::Fault(what) => Err(VmmError::GuestFault(what)),
+        end => Ok(end.status()),
+    }
+}
+
+/// Stops every vCPU thread, kicking each out of KVM_RUN until it returns.
+fn stop_vcpus(ctx: &VcpuContext, threads: Vec<std::thread::JoinHandle<()>>) {
+    ctx.stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for t in threads {
+        // A kick can land just before the thread enters KVM_RUN and be
+        // lost; keep kicking until it is out.
+        while !t.is_finished() && Instant::now() < deadline {
+            vcpu::kick(&t);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            log::warn!("a vCPU thread did not stop in time; exiting anyway");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_limits() {
+        assert!(matches!(
+            check_memory(16 * MIB),
+            Err(VmmError::TooLittleMemory(_))
+        ));
+        assert!(matches!(
+            check_memory(MAX_MEMORY + 4096),
+            Err(VmmError::TooMuchMemory(_))
+        ));
+        assert!(matches!(
+            check_memory(512 * MIB + 1),
+            Err(VmmError::UnalignedMemory)
+        ));
+        assert!(check_memory(512 * MIB).is_ok());
+        let msg = VmmError::TooLittleMemory(16 * MIB).to_string();
+        assert!(msg.contains("16 MiB") && msg.contains("64 MiB"), "{msg}");
+    }
+}
