@@ -122,7 +122,7 @@ fn check_memory(size: u64) -> Result<(), VmmError> {
     if size > MAX_MEMORY {
         return Err(VmmError::TooMuchMemory(size));
     }
-    if size % 4096 != 0 {
+    if !size.is_multiple_of(4096) {
         return Err(VmmError::UnalignedMemory);
     }
     Ok(())
