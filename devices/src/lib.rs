@@ -6,6 +6,7 @@ pub mod bus;
 pub mod legacy;
 pub mod ratelimit;
 pub mod size;
+pub mod virtio;
 
 /// A way for a device to raise its interrupt line (an irqfd in the VMM).
 pub trait Interrupt: Send + Sync {
