@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use vmm::{HostQuirks, VmConfig};
+use vmm::{HostQuirks, PmemConfig, VmConfig};
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +51,14 @@ struct RunArgs {
     /// Guest command-line switches for nested shadow-paging KVM hosts.
     #[arg(long, value_enum, default_value = "auto")]
     host_quirks: QuirksArg,
+    /// A virtio-pmem disk backed by a host file, seen as /dev/pmemN in the
+    /// guest: file=PATH[,size=SIZE][,readonly=on][,discard_writes=on].
+    /// Repeat for more disks.
+    #[arg(long, value_name = "file=PATH[,...]")]
+    pmem: Vec<PmemConfig>,
+    /// Write device statistics as JSON to this file when the VM ends.
+    #[arg(long, value_name = "PATH")]
+    stats: Option<PathBuf>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -74,6 +82,8 @@ fn main() -> ExitCode {
                 QuirksArg::On => HostQuirks::On,
                 QuirksArg::Off => HostQuirks::Off,
             },
+            pmem: a.pmem,
+            stats: a.stats,
         }),
     };
     match result {

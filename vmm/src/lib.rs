@@ -8,9 +8,12 @@ pub mod exit;
 pub mod host;
 pub mod layout;
 pub mod mptable;
+pub mod pmem;
+pub mod stats;
 mod vcpu;
 mod vm;
 
 pub use cmdline::HostQuirks;
 pub use devices::legacy::EXIT_PORT;
+pub use devices::virtio::pmem::PmemConfig;
 pub use vm::{run, VmConfig, VmmError};

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use devices::bus::{Bus, BusError};
 use devices::legacy::{ExitPort, SerialConsole, EXIT_PORT, I8042};
+use devices::virtio::pmem::PmemConfig;
 use devices::Interrupt;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -15,12 +16,14 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError};
-use crate::cmdline::{self, CmdlineError, HostQuirks};
+use crate::cmdline::{self, CmdlineError, HostQuirks, MmioDeviceSpec};
 use crate::cpu::{self, CpuError};
 use crate::exit::{ExitSignal, RunEnd};
 use crate::host::HostKind;
 use crate::layout::{self, MAX_MEMORY, MIB, MIN_MEMORY};
 use crate::mptable::{self, MpTableError};
+use crate::pmem::{self, AttachError, DeviceEventLoop};
+use crate::stats::StatsFile;
 use crate::vcpu::{self, VcpuContext};
 
 /// Where KVM puts the three pages of its real-mode TSS: just below the BIOS.
@@ -37,6 +40,10 @@ pub struct VmConfig {
     pub memory: u64,
     pub vcpus: u8,
     pub host_quirks: HostQuirks,
+    /// `--pmem` devices, in guest order (/dev/pmem0 first).
+    pub pmem: Vec<PmemConfig>,
+    /// Where to write the JSON statistics when the VM ends.
+    pub stats: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +84,13 @@ pub enum VmmError {
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pmem(#[from] AttachError),
+    #[error("--stats {path}: {source}")]
+    Stats {
+        path: String,
         source: std::io::Error,
     },
     #[error("the guest stopped: {0}")]
@@ -129,10 +143,10 @@ fn check_memory(size: u64) -> Result<(), VmmError> {
 }
 
 /// An interrupt line backed by an irqfd on a GSI of the in-kernel IOAPIC.
-struct IrqLine(EventFd);
+pub(crate) struct IrqLine(EventFd);
 
 impl IrqLine {
-    fn register(vm: &VmFd, gsi: u32) -> Result<Arc<Self>, VmmError> {
+    pub(crate) fn register(vm: &VmFd, gsi: u32) -> Result<Arc<Self>, VmmError> {
         let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(io_err("creating an irqfd"))?;
         vm.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
@@ -212,6 +226,8 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     let started = Instant::now();
     check_memory(config.memory)?;
     let mptable = mptable::build(config.vcpus)?;
+    // Fail on a bad path now, not after the guest has run.
+    let stats = config.stats.as_deref().map(StatsFile::create).transpose()?;
     let kvm = open_kvm()?;
     let host = HostKind::detect();
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
@@ -225,13 +241,24 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     let mem = create_guest_memory(&vm, config.memory)?;
+    let mut mmio = Bus::new();
+    let pmem = pmem::attach(
+        &kvm,
+        &vm,
+        &mem,
+        &mut mmio,
+        config.memory,
+        mem.num_regions() as u32,
+        &config.pmem,
+    )?;
+    let specs: Vec<MmioDeviceSpec> = pmem.iter().map(|d| d.spec()).collect();
 
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(&mem, path, &kernel, config.memory)?),
         None => None,
     };
-    let line = cmdline::assemble(host, config.host_quirks, &[], &config.cmdline)?;
+    let line = cmdline::assemble(host, config.host_quirks, &specs, &config.cmdline)?;
     if let Some(switches) = line.host_switches {
         log::info!(
             "host is {}: adding guest switches '{switches}' (turn off with --host-quirks off)",
@@ -284,11 +311,12 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     }
     let ctx = Arc::new(VcpuContext {
         pio,
-        mmio: Bus::new(),
+        mmio,
         mem: mem.clone(),
         exit: exit.clone(),
         stop: Default::default(),
     });
+    let events = DeviceEventLoop::start(&pmem).map_err(io_err("starting the device event loop"))?;
     vcpu::install_kick_handler().map_err(io_err("installing the vCPU kick signal handler"))?;
     let mut threads = Vec::new();
     for (id, fd) in vcpus.into_iter().enumerate() {
@@ -303,7 +331,13 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
 
     let end = exit.wait();
     stop_vcpus(&ctx, threads);
+    if let Some(events) = events {
+        events.stop();
+    }
     let _ = std::io::stdout().flush();
+    if let Some(stats) = stats {
+        stats.write(&pmem)?;
+    }
     match end {
         RunEnd::Fault(what) => Err(VmmError::GuestFault(what)),
         end => Ok(end.status()),

@@ -106,6 +106,8 @@ pub enum PmemBackingError {
     ReadonlyAndDiscard { path: PathBuf },
     #[error("pmem {}: cannot open: {source}", .path.display())]
     Open { path: PathBuf, source: io::Error },
+    #[error("pmem {}: no such file; add size=SIZE to create it", .path.display())]
+    Missing { path: PathBuf },
     #[error("pmem {}: is in use by another process (another pmemvm?); stop it or use readonly=on in both", .path.display())]
     Locked { path: PathBuf },
     #[error("pmem {}: cannot lock: {source}", .path.display())]
@@ -196,9 +198,14 @@ impl PmemBacking {
             .write(writable)
             .create(writable && config.size.is_some())
             .open(&path)
-            .map_err(|source| PmemBackingError::Open {
-                path: path.clone(),
-                source,
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::NotFound if config.size.is_none() => {
+                    PmemBackingError::Missing { path: path.clone() }
+                }
+                _ => PmemBackingError::Open {
+                    path: path.clone(),
+                    source,
+                },
             })?;
 
         // Lock before sizing, so a file someone else uses is never touched.
@@ -536,10 +543,9 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("multiple of 2 MiB"), "{e}");
         // Missing file without size= cannot be opened.
         let q = TempPath::new("missing");
-        assert!(matches!(
-            PmemBacking::open(&config(&q.0, "")),
-            Err(PmemBackingError::Open { .. })
-        ));
+        let e = PmemBacking::open(&config(&q.0, "")).unwrap_err();
+        assert!(matches!(e, PmemBackingError::Missing { .. }));
+        assert!(e.to_string().contains("add size="), "{e}");
     }
 
     #[test]

@@ -92,6 +92,8 @@ pub struct PmemMetrics {
     pub writeback_errors: AtomicU64,
     /// Bytes the writebacks reported as written, where they knew.
     pub writeback_bytes: AtomicU64,
+    /// Guest writes dropped because the device is read-only.
+    pub readonly_writes: AtomicU64,
     errors: [AtomicU64; PmemErrorKind::ALL.len()],
     latency_us: Mutex<Histogram<u64>>,
 }
@@ -112,6 +114,7 @@ pub struct PmemStats {
     pub flush_requests: u64,
     pub writebacks: u64,
     pub writeback_bytes: u64,
+    pub readonly_writes: u64,
     /// From popping the request to writing its response.
     pub flush_latency_us: LatencyStats,
     /// Count per [`PmemErrorKind::name`], all kinds present.
@@ -130,6 +133,7 @@ impl PmemMetrics {
             writebacks: AtomicU64::new(0),
             writeback_errors: AtomicU64::new(0),
             writeback_bytes: AtomicU64::new(0),
+            readonly_writes: AtomicU64::new(0),
             errors: Default::default(),
             latency_us: Mutex::new(histogram),
         }
@@ -170,6 +174,7 @@ impl PmemMetrics {
             flush_requests: self.flush_requests.load(Ordering::Relaxed),
             writebacks: self.writebacks.load(Ordering::Relaxed),
             writeback_bytes: self.writeback_bytes.load(Ordering::Relaxed),
+            readonly_writes: self.readonly_writes.load(Ordering::Relaxed),
             flush_latency_us,
             errors: PmemErrorKind::ALL
                 .iter()

@@ -12,6 +12,7 @@ mod backing;
 mod device;
 mod event_handler;
 mod metrics;
+mod readonly;
 
 pub use backing::{
     FileWriteback, PmemBacking, PmemBackingError, PmemConfig, PmemConfigError, Writeback,
@@ -22,6 +23,7 @@ pub use device::{
     VIRTIO_PMEM_RESP_OK,
 };
 pub use metrics::{LatencyStats, PmemErrorKind, PmemMetrics, PmemStats};
+pub use readonly::ReadonlyRegion;
 
 #[cfg(test)]
 mod tests {
