@@ -5,6 +5,7 @@ pub mod boot;
 pub mod cmdline;
 pub mod cpu;
 pub mod exit;
+pub mod fault;
 pub mod host;
 pub mod layout;
 pub mod mptable;

@@ -10,16 +10,19 @@ use std::thread::JoinHandle;
 use devices::bus::Bus;
 use devices::virtio::mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
 use devices::virtio::pmem::{
-    PmemBacking, PmemBackingError, PmemConfig, PmemDevice, PmemError, PmemMetrics, PmemStats,
-    ReadonlyRegion,
+    FaultEngineKind, FileWriteback, PmemBacking, PmemBackingError, PmemConfig, PmemDevice,
+    PmemError, PmemMetrics, PmemStats, ReadonlyRegion, Writeback,
 };
 use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use serde::Serialize;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::cmdline::MmioDeviceSpec;
+use crate::fault::dirty_log::{DirtyLog, DirtyLogError};
+use crate::fault::{DirtyLogWriteback, EngineShared, FaultStats};
 use crate::layout::{self, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE};
 use crate::vm::IrqLine;
 
@@ -42,6 +45,14 @@ pub enum AttachError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    #[error("KVM dirty logging for the kernel engine: {0}")]
+    DirtyLog(#[from] DirtyLogError),
+    #[error("--pmem file={path},engine={engine}: {source}")]
+    Engine {
+        path: String,
+        engine: &'static str,
+        source: std::io::Error,
+    },
     #[error("--pmem file={path}: {what}: {detail}")]
     Wiring {
         path: String,
@@ -54,7 +65,18 @@ pub enum AttachError {
 pub struct AttachedPmem {
     device: Arc<Mutex<PmemDevice>>,
     metrics: Arc<PmemMetrics>,
+    engine: FaultEngineKind,
+    shared: Arc<EngineShared>,
     spec: MmioDeviceSpec,
+}
+
+/// One device's `--stats` record.
+#[derive(Serialize)]
+pub struct DeviceStats {
+    #[serde(flatten)]
+    pub device: PmemStats,
+    #[serde(flatten)]
+    pub fault: FaultStats,
 }
 
 impl AttachedPmem {
@@ -62,9 +84,50 @@ impl AttachedPmem {
         self.spec
     }
 
-    pub fn stats(&self) -> PmemStats {
-        self.metrics.snapshot()
+    pub fn stats(&self) -> DeviceStats {
+        DeviceStats {
+            device: self.metrics.snapshot(),
+            fault: self.shared.metrics.snapshot(self.engine.name()),
+        }
     }
+}
+
+/// The VM's pmem devices and the dirty log their kernel engines share.
+pub struct PmemSet {
+    pub devices: Vec<AttachedPmem>,
+    /// Present when a device tracks writes through KVM; every vCPU's ring
+    /// must be added to it.
+    pub dirty_log: Option<Arc<DirtyLog>>,
+}
+
+/// Populates the whole mapping before boot, then makes it durable so that
+/// the guest's first flush does not pay for it.
+fn prefault(backing: &PmemBacking) -> std::io::Result<()> {
+    // MADV_POPULATE_READ/WRITE (Linux 5.14), from include/uapi/asm-generic/mman-common.h.
+    const MADV_POPULATE_READ: libc::c_int = 22;
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    let advice = if backing.readonly() {
+        MADV_POPULATE_READ
+    } else {
+        MADV_POPULATE_WRITE
+    };
+    let started = std::time::Instant::now();
+    // SAFETY: advice on the backing's own live mapping; no memory is
+    // handed over.
+    let rc = unsafe { libc::madvise(backing.host_addr().cast(), backing.size() as usize, advice) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if !backing.readonly() && !backing.discard_writes() {
+        backing.file().sync_data()?;
+    }
+    log::info!(
+        "pmem {}: prefaulted {} MiB in {:?}",
+        backing.path().display(),
+        backing.size() >> 20,
+        started.elapsed()
+    );
+    Ok(())
 }
 
 /// Opens every `--pmem` backing, maps each into its own memslot (numbered
@@ -78,7 +141,7 @@ pub fn attach(
     memory: u64,
     first_slot: u32,
     configs: &[PmemConfig],
-) -> Result<Vec<AttachedPmem>, AttachError> {
+) -> Result<PmemSet, AttachError> {
     if configs.len() > MAX_PMEM_DEVICES {
         return Err(AttachError::TooMany(configs.len()));
     }
@@ -95,10 +158,30 @@ pub fn attach(
     }
     let sizes: Vec<u64> = backings.iter().map(PmemBacking::size).collect();
     let starts = layout::pmem_regions(memory, &sizes);
+    // Writes are tracked where they can reach the file.
+    let tracked = |b: &PmemBacking, engine| {
+        engine != FaultEngineKind::Uffd && !b.readonly() && !b.discard_writes()
+    };
+    let dirty_log = if backings
+        .iter()
+        .zip(configs)
+        .any(|(b, c)| tracked(b, c.engine))
+    {
+        Some(Arc::new(DirtyLog::new(vm)?))
+    } else {
+        None
+    };
 
     let mut attached = Vec::with_capacity(backings.len());
-    for (i, (backing, start)) in backings.into_iter().zip(starts).enumerate() {
+    for (i, ((backing, start), config)) in backings.into_iter().zip(starts).zip(configs).enumerate()
+    {
         let path = backing.path().display().to_string();
+        let engine = config.engine;
+        let engine_err = |source| AttachError::Engine {
+            path: path.clone(),
+            engine: engine.name(),
+            source,
+        };
         let kvm_err = |what| {
             let path = path.clone();
             move |source| AttachError::Kvm { path, what, source }
@@ -109,14 +192,45 @@ pub fn attach(
             detail,
         };
         let readonly = backing.readonly();
+        let slot = first_slot + i as u32;
+        let shared = EngineShared::new(backing.size());
+        let is_tracked = tracked(&backing, engine);
+        let mut flags = if readonly { KVM_MEM_READONLY } else { 0 };
+        let host = backing.host_addr() as u64;
+        let writeback: Box<dyn Writeback> = match engine {
+            FaultEngineKind::Kernel | FaultEngineKind::Prefault => {
+                if engine == FaultEngineKind::Prefault {
+                    prefault(&backing).map_err(engine_err)?;
+                }
+                match dirty_log.as_ref().filter(|_| is_tracked) {
+                    Some(log) => {
+                        flags |= KVM_MEM_LOG_DIRTY_PAGES;
+                        log.track(slot, backing.size(), shared.clone());
+                        Box::new(DirtyLogWriteback {
+                            shared: shared.clone(),
+                            log: log.clone(),
+                            file: Some(backing.file().try_clone().map_err(engine_err)?),
+                        })
+                    }
+                    None => Box::new(FileWriteback::new(&backing).map_err(engine_err)?),
+                }
+            }
+            FaultEngineKind::Uffd => {
+                return Err(engine_err(std::io::Error::from_raw_os_error(libc::ENOSYS)));
+            }
+        };
         let region = kvm_userspace_memory_region {
-            slot: first_slot + i as u32,
-            flags: if readonly { KVM_MEM_READONLY } else { 0 },
+            slot,
+            flags,
             guest_phys_addr: start,
             memory_size: backing.size(),
-            userspace_addr: backing.host_addr() as u64,
+            userspace_addr: host,
         };
-        let device = Arc::new(Mutex::new(PmemDevice::new(backing, GuestAddress(start))?));
+        let device = Arc::new(Mutex::new(PmemDevice::with_writeback(
+            backing,
+            GuestAddress(start),
+            writeback,
+        )?));
         // SAFETY: the mapping belongs to the backing inside `device`, which
         // the returned AttachedPmem keeps alive for as long as the VM runs.
         unsafe { vm.set_user_memory_region(region) }
@@ -148,13 +262,16 @@ pub fn attach(
         }
         let metrics = device.lock().unwrap_or_else(|p| p.into_inner()).metrics();
         log::info!(
-            "pmem{i}: {path} ({} MiB{}) at guest {start:#x}, virtio-mmio {base:#x} irq {irq}",
+            "pmem{i}: {path} ({} MiB{}, engine {}) at guest {start:#x}, virtio-mmio {base:#x} irq {irq}",
             region.memory_size >> 20,
-            if readonly { ", read-only" } else { "" }
+            if readonly { ", read-only" } else { "" },
+            engine.name()
         );
         attached.push(AttachedPmem {
             device,
             metrics,
+            engine,
+            shared,
             spec: MmioDeviceSpec {
                 base,
                 size: MMIO_SIZE,
@@ -162,7 +279,16 @@ pub fn attach(
             },
         });
     }
-    Ok(attached)
+    if let Some(log) = &dirty_log {
+        log::info!(
+            "kernel engine: first writes tracked with the KVM {}",
+            log.kind()
+        );
+    }
+    Ok(PmemSet {
+        devices: attached,
+        dirty_log,
+    })
 }
 
 /// The thread that serves device queues, so a slow fdatasync never stalls a

@@ -5,15 +5,14 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use devices::virtio::pmem::PmemStats;
 use serde::Serialize;
 
-use crate::pmem::AttachedPmem;
+use crate::pmem::{AttachedPmem, DeviceStats};
 use crate::vm::VmmError;
 
 #[derive(Serialize)]
 struct Stats {
-    pmem: Vec<PmemStats>,
+    pmem: Vec<DeviceStats>,
 }
 
 /// The stats file, created (and truncated) before the guest starts so that a

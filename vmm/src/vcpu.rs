@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::exit::{ExitSignal, RunEnd};
+use crate::fault::dirty_log::DirtyLog;
 
 /// What every vCPU thread shares.
 pub struct VcpuContext {
@@ -21,6 +22,8 @@ pub struct VcpuContext {
     pub mem: GuestMemoryMmap,
     pub exit: Arc<ExitSignal>,
     pub stop: AtomicBool,
+    /// KVM dirty rings to drain when one fills up.
+    pub dirty_log: Option<Arc<DirtyLog>>,
 }
 
 static UNKNOWN_PIO: LogLimiter = LogLimiter::new(8, 1000);
@@ -54,11 +57,60 @@ pub fn kick(handle: &JoinHandle<()>) {
     }
 }
 
+/// KVM_RUN failing with EFAULT: the host could not provide a guest page,
+/// e.g. the pmem file's filesystem is full (its mkwrite failed). The vCPU
+/// waits and retries rather than killing the guest.
+struct HostFaultWait {
+    since: Option<std::time::Instant>,
+    backoff: std::time::Duration,
+}
+
+impl HostFaultWait {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(1);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn new() -> Self {
+        Self {
+            since: None,
+            backoff: Self::FIRST,
+        }
+    }
+
+    fn fault(&mut self, id: u8) {
+        if self.since.is_none() {
+            self.since = Some(std::time::Instant::now());
+            log::warn!(
+                "vCPU {id}: the host cannot provide a guest page (KVM_RUN: EFAULT); is the pmem file's filesystem full? waiting and retrying"
+            );
+        }
+        std::thread::sleep(self.backoff);
+        self.backoff = (self.backoff * 2).min(Self::MAX);
+    }
+
+    fn progress(&mut self, id: u8) {
+        if let Some(since) = self.since.take() {
+            log::warn!(
+                "vCPU {id}: resumed after waiting {:?} for the host",
+                since.elapsed()
+            );
+            self.backoff = Self::FIRST;
+        }
+    }
+}
+
 pub fn run(id: u8, mut vcpu: VcpuFd, ctx: Arc<VcpuContext>) {
+    let mut host_wait = HostFaultWait::new();
     while !ctx.stop.load(Ordering::Acquire) {
         let end = match vcpu.run() {
-            Ok(exit) => handle_exit(id, exit, &ctx),
+            Ok(exit) => {
+                host_wait.progress(id);
+                handle_exit(id, exit, &ctx)
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) if e.errno() == libc::EFAULT => {
+                host_wait.fault(id);
+                None
+            }
             Err(e) => Some(RunEnd::Fault(format!("vCPU {id}: KVM_RUN failed: {e}"))),
         };
         if let Some(end) = end {
@@ -105,6 +157,18 @@ fn handle_exit(id: u8, exit: VcpuExit, ctx: &VcpuContext) -> Option<RunEnd> {
                 log::warn!("vCPU {id}: write of unmapped MMIO {addr:#x} ignored");
             }
             None
+        }
+        VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
+            let harvested = ctx.dirty_log.as_ref().map(|log| log.harvest());
+            match harvested {
+                Some(Ok(_)) => None,
+                Some(Err(e)) => Some(RunEnd::Fault(format!(
+                    "vCPU {id}: draining the full dirty ring failed: {e}"
+                ))),
+                None => Some(RunEnd::Fault(format!(
+                    "vCPU {id}: dirty ring full, but pmemvm enabled no ring"
+                ))),
+            }
         }
         VcpuExit::Shutdown => {
             log::info!("vCPU {id}: guest shut down (triple fault); treating it as a reboot");

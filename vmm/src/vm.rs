@@ -251,7 +251,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
         mem.num_regions() as u32,
         &config.pmem,
     )?;
-    let specs: Vec<MmioDeviceSpec> = pmem.iter().map(|d| d.spec()).collect();
+    let specs: Vec<MmioDeviceSpec> = pmem.devices.iter().map(|d| d.spec()).collect();
 
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
     let initrd = match &config.initrd {
@@ -307,16 +307,21 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
         cpu::configure_vcpu(&fd, id, config.vcpus, &cpuid, kernel.entry)?;
+        if let Some(log) = &pmem.dirty_log {
+            log.add_vcpu(id, &fd).map_err(AttachError::from)?;
+        }
         vcpus.push(fd);
     }
     let ctx = Arc::new(VcpuContext {
         pio,
         mmio,
         mem: mem.clone(),
+        dirty_log: pmem.dirty_log.clone(),
         exit: exit.clone(),
         stop: Default::default(),
     });
-    let events = DeviceEventLoop::start(&pmem).map_err(io_err("starting the device event loop"))?;
+    let events =
+        DeviceEventLoop::start(&pmem.devices).map_err(io_err("starting the device event loop"))?;
     vcpu::install_kick_handler().map_err(io_err("installing the vCPU kick signal handler"))?;
     let mut threads = Vec::new();
     for (id, fd) in vcpus.into_iter().enumerate() {
@@ -336,7 +341,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     }
     let _ = std::io::stdout().flush();
     if let Some(stats) = stats {
-        stats.write(&pmem)?;
+        stats.write(&pmem.devices)?;
     }
     match end {
         RunEnd::Fault(what) => Err(VmmError::GuestFault(what)),

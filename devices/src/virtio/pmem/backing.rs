@@ -25,7 +25,51 @@ pub struct PmemConfig {
     pub readonly: bool,
     /// Map privately: guest writes never reach the file.
     pub discard_writes: bool,
+    /// How the VMM serves the guest's faults on the region.
+    pub engine: FaultEngineKind,
+    /// Pages the uffd engine inserts per fault (1..=512).
+    pub populate: u16,
 }
+
+/// `engine=`: who populates the guest's pmem pages and catches first writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FaultEngineKind {
+    /// KVM populates from the MAP_SHARED file; KVM dirty logging catches
+    /// first writes.
+    #[default]
+    Kernel,
+    /// The VMM serves every fault through userfaultfd on a memfd mirror.
+    Uffd,
+    /// Like `Kernel`, with the whole region populated before boot.
+    Prefault,
+}
+
+impl FaultEngineKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Uffd => "uffd",
+            Self::Prefault => "prefault",
+        }
+    }
+}
+
+impl FromStr for FaultEngineKind {
+    type Err = PmemConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "kernel" => Ok(Self::Kernel),
+            "uffd" => Ok(Self::Uffd),
+            "prefault" => Ok(Self::Prefault),
+            _ => Err(PmemConfigError::BadEngine(s.to_string())),
+        }
+    }
+}
+
+/// Default pages per uffd fault: the vm_insert_range lesson.
+pub const DEFAULT_POPULATE: u16 = 16;
+pub const MAX_POPULATE: u16 = 512;
 
 /// Errors in a `--pmem` option value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -34,7 +78,7 @@ pub enum PmemConfigError {
     MissingFile,
     #[error("--pmem option `{0}` is not of the form key=value")]
     NotKeyValue(String),
-    #[error("--pmem option `{0}` is unknown (expected file, size, readonly, discard_writes)")]
+    #[error("--pmem option `{0}` is unknown (expected file, size, readonly, discard_writes, engine, populate)")]
     UnknownKey(String),
     #[error("--pmem option `{0}` is given twice")]
     DuplicateKey(String),
@@ -44,6 +88,12 @@ pub enum PmemConfigError {
     BadSize(#[from] SizeError),
     #[error("--pmem file= is empty")]
     EmptyPath,
+    #[error("--pmem engine={0}: expected kernel, uffd or prefault")]
+    BadEngine(String),
+    #[error("--pmem populate={0}: expected a page count from 1 to {MAX_POPULATE}")]
+    BadPopulate(String),
+    #[error("--pmem populate= only applies to engine=uffd")]
+    PopulateWithoutUffd,
     #[error("--pmem readonly=on and discard_writes=on contradict each other: drop one of them")]
     ReadonlyAndDiscard,
 }
@@ -67,6 +117,8 @@ impl FromStr for PmemConfig {
         let mut size = None;
         let mut readonly = None;
         let mut discard_writes = None;
+        let mut engine = None;
+        let mut populate = None;
         for part in s.split(',') {
             let (key, value) = part
                 .split_once('=')
@@ -76,6 +128,16 @@ impl FromStr for PmemConfig {
                 "size" => size.replace(parse_size(value)?).is_some(),
                 "readonly" => readonly.replace(parse_switch(key, value)?).is_some(),
                 "discard_writes" => discard_writes.replace(parse_switch(key, value)?).is_some(),
+                "engine" => engine.replace(value.parse()?).is_some(),
+                "populate" => populate
+                    .replace(
+                        value
+                            .parse::<u16>()
+                            .ok()
+                            .filter(|n| (1..=MAX_POPULATE).contains(n))
+                            .ok_or_else(|| PmemConfigError::BadPopulate(value.to_string()))?,
+                    )
+                    .is_some(),
                 _ => return Err(PmemConfigError::UnknownKey(key.to_string())),
             };
             if duplicate {
@@ -91,9 +153,14 @@ impl FromStr for PmemConfig {
             size,
             readonly: readonly.unwrap_or(false),
             discard_writes: discard_writes.unwrap_or(false),
+            engine: engine.unwrap_or_default(),
+            populate: populate.unwrap_or(DEFAULT_POPULATE),
         };
         if config.readonly && config.discard_writes {
             return Err(PmemConfigError::ReadonlyAndDiscard);
+        }
+        if populate.is_some() && config.engine != FaultEngineKind::Uffd {
+            return Err(PmemConfigError::PopulateWithoutUffd);
         }
         Ok(config)
     }
@@ -445,12 +512,41 @@ pub(crate) mod tests {
                 size: Some(64 * MIB),
                 readonly: false,
                 discard_writes: true,
+                engine: FaultEngineKind::Kernel,
+                populate: DEFAULT_POPULATE,
             }
         );
         let c: PmemConfig = "readonly=on,file=x".parse().unwrap();
         assert_eq!(c.size, None);
         assert!(c.readonly);
         assert!(!c.discard_writes);
+    }
+
+    #[test]
+    fn parses_engine_and_populate() {
+        let c: PmemConfig = "file=x,engine=uffd,populate=512".parse().unwrap();
+        assert_eq!((c.engine, c.populate), (FaultEngineKind::Uffd, 512));
+        let c: PmemConfig = "file=x,engine=prefault".parse().unwrap();
+        assert_eq!(c.engine, FaultEngineKind::Prefault);
+        let err = |s: &str| s.parse::<PmemConfig>().unwrap_err();
+        assert_eq!(
+            err("file=x,engine=ept"),
+            PmemConfigError::BadEngine("ept".into())
+        );
+        for bad in ["0", "513", "-1", "x", ""] {
+            assert_eq!(
+                err(&format!("file=x,engine=uffd,populate={bad}")),
+                PmemConfigError::BadPopulate(bad.into())
+            );
+        }
+        assert_eq!(
+            err("file=x,populate=4"),
+            PmemConfigError::PopulateWithoutUffd
+        );
+        assert_eq!(
+            err("file=x,engine=uffd,engine=kernel"),
+            PmemConfigError::DuplicateKey("engine".into())
+        );
     }
 
     #[test]
@@ -580,6 +676,8 @@ pub(crate) mod tests {
             size: Some(2 * MIB),
             readonly: true,
             discard_writes: true,
+            engine: FaultEngineKind::Kernel,
+            populate: DEFAULT_POPULATE,
         };
         assert!(matches!(
             PmemBacking::open(&c),

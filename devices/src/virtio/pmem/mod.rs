@@ -15,8 +15,8 @@ mod metrics;
 mod readonly;
 
 pub use backing::{
-    FileWriteback, PmemBacking, PmemBackingError, PmemConfig, PmemConfigError, Writeback,
-    WritebackReport, PMEM_ALIGN,
+    FaultEngineKind, FileWriteback, PmemBacking, PmemBackingError, PmemConfig, PmemConfigError,
+    Writeback, WritebackReport, DEFAULT_POPULATE, MAX_POPULATE, PMEM_ALIGN,
 };
 pub use device::{
     PmemDevice, PmemError, QUEUE_SIZE, VIRTIO_PMEM_REQ_TYPE_FLUSH, VIRTIO_PMEM_RESP_EIO,

@@ -1,0 +1,297 @@
+//! KVM dirty logging for the kernel and prefault engines: KVM populates the
+//! pmem memslots from the MAP_SHARED file on its own faults, and reports each
+//! page's first write since the last harvest.
+//!
+//! The dirty ring gives exact GFNs per vCPU and costs nothing to harvest when
+//! nothing was written. Where KVM has no ring, KVM_GET_DIRTY_LOG (without
+//! manual protect) fetches the bitmap and write-protects in one step.
+//!
+//! Harvest order makes racing writes safe: entries are collected, then
+//! KVM_RESET_DIRTY_RINGS write-protects the pages again. A write between the
+//! two lands in the page before the writeback reads it; a write after the
+//! reset is caught and reported for the next flush.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+
+use kvm_bindings::{
+    kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    KVM_DIRTY_LOG_PAGE_OFFSET,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+
+use super::{EngineShared, PAGE_SIZE};
+
+/// Entries per vCPU ring: 64 KiB of ring, 16 MiB of writes between harvests.
+const RING_ENTRIES: u32 = 4096;
+const DIRTY_GFN_F_DIRTY: u32 = 1;
+const DIRTY_GFN_F_RESET: u32 = 2;
+/// _IO(KVMIO, 0xc7), from include/uapi/linux/kvm.h.
+const KVM_RESET_DIRTY_RINGS: libc::c_ulong = 0xaec7;
+
+/// A memslot whose writes are tracked, and the states they go to.
+struct TrackedSlot {
+    slot: u32,
+    size: u64,
+    shared: Arc<EngineShared>,
+}
+
+/// One vCPU's ring, mapped from its fd.
+struct Ring {
+    gfns: *mut kvm_dirty_gfn,
+    entries: u32,
+    fetch: u32,
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `add_vcpu`.
+        unsafe {
+            libc::munmap(
+                self.gfns.cast(),
+                self.entries as usize * std::mem::size_of::<kvm_dirty_gfn>(),
+            )
+        };
+    }
+}
+
+enum Mode {
+    Ring { bytes: u32, rings: Vec<Ring> },
+    Bitmap,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyLogError {
+    #[error("enabling the KVM dirty ring ({bytes} bytes per vCPU) failed: {source}")]
+    EnableRing {
+        bytes: u32,
+        source: kvm_ioctls::Error,
+    },
+    #[error("mapping vCPU {vcpu}'s dirty ring failed: {source}")]
+    MapRing { vcpu: u8, source: io::Error },
+    #[error("duplicating the VM fd failed: {0}")]
+    Dup(io::Error),
+}
+
+pub struct DirtyLog {
+    vm: File,
+    slots: RwLock<Vec<TrackedSlot>>,
+    mode: Mutex<Mode>,
+}
+
+// SAFETY: the ring pointers are only dereferenced under the `mode` mutex, and
+// the mappings they point to live as long as the DirtyLog.
+unsafe impl Send for DirtyLog {}
+// SAFETY: as above; all mutation goes through the mutex.
+unsafe impl Sync for DirtyLog {}
+
+impl DirtyLog {
+    /// Picks the ring if KVM has one (and enables it: this must happen
+    /// before any vCPU exists), else the bitmap.
+    pub fn new(vm: &VmFd) -> Result<Self, DirtyLogError> {
+        // SAFETY: dup of a valid fd; the new fd is owned by the File.
+        let dup = unsafe { libc::fcntl(vm.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(DirtyLogError::Dup(io::Error::last_os_error()));
+        }
+        // SAFETY: `dup` is a fresh fd nobody else owns.
+        let file = unsafe { File::from_raw_fd(dup) };
+        let mode = Self::enable_ring(vm)?.map_or(Mode::Bitmap, |bytes| Mode::Ring {
+            bytes,
+            rings: Vec::new(),
+        });
+        Ok(Self {
+            vm: file,
+            slots: RwLock::new(Vec::new()),
+            mode: Mutex::new(mode),
+        })
+    }
+
+    fn enable_ring(vm: &VmFd) -> Result<Option<u32>, DirtyLogError> {
+        let entry = std::mem::size_of::<kvm_dirty_gfn>() as u32;
+        for cap in [KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING] {
+            let max = vm.check_extension_raw(cap.into());
+            if max <= 0 {
+                continue;
+            }
+            let bytes = (RING_ENTRIES * entry).min(max as u32);
+            let bytes = if bytes.is_power_of_two() {
+                bytes
+            } else {
+                bytes.next_power_of_two() / 2
+            };
+            let mut enable = kvm_enable_cap {
+                cap,
+                ..Default::default()
+            };
+            enable.args[0] = u64::from(bytes);
+            vm.enable_cap(&enable)
+                .map_err(|source| DirtyLogError::EnableRing { bytes, source })?;
+            return Ok(Some(bytes));
+        }
+        Ok(None)
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match *self.lock() {
+            Mode::Ring { .. } => "dirty ring",
+            Mode::Bitmap => "dirty bitmap",
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Mode> {
+        self.mode.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Routes writes to `slot` (created with KVM_MEM_LOG_DIRTY_PAGES) into
+    /// `shared`'s page states.
+    pub fn track(&self, slot: u32, size: u64, shared: Arc<EngineShared>) {
+        self.slots
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(TrackedSlot { slot, size, shared });
+    }
+
+    fn slots(&self) -> RwLockReadGuard<'_, Vec<TrackedSlot>> {
+        self.slots.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Maps a new vCPU's ring (ring mode only).
+    pub fn add_vcpu(&self, id: u8, vcpu: &VcpuFd) -> Result<(), DirtyLogError> {
+        let mut mode = self.lock();
+        let Mode::Ring { bytes, rings } = &mut *mode else {
+            return Ok(());
+        };
+        // SAFETY: maps the ring KVM exposes at this offset of the vCPU fd;
+        // the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                *bytes as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                vcpu.as_raw_fd(),
+                libc::off_t::from(KVM_DIRTY_LOG_PAGE_OFFSET) * page_size(),
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DirtyLogError::MapRing {
+                vcpu: id,
+                source: io::Error::last_os_error(),
+            });
+        }
+        rings.push(Ring {
+            gfns: ptr.cast(),
+            entries: *bytes / std::mem::size_of::<kvm_dirty_gfn>() as u32,
+            fetch: 0,
+        });
+        Ok(())
+    }
+
+    /// Moves every write KVM logged since the last harvest into the page
+    /// states, and re-arms the catch for those pages. Safe to call from any
+    /// thread; one harvest runs at a time.
+    pub fn harvest(&self) -> io::Result<u64> {
+        let mut mode = self.lock();
+        match &mut *mode {
+            Mode::Ring { rings, .. } => {
+                let slots = self.slots();
+                let mut found = 0;
+                for ring in rings.iter_mut() {
+                    found += collect(ring, &slots);
+                }
+                if found > 0 {
+                    // SAFETY: argument-less VM ioctl on a valid VM fd.
+                    let rc = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_RESET_DIRTY_RINGS) };
+                    if rc < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(found)
+            }
+            Mode::Bitmap => self.harvest_bitmaps(),
+        }
+    }
+}
+
+fn collect(ring: &mut Ring, slots: &[TrackedSlot]) -> u64 {
+    let mut found = 0;
+    loop {
+        let i = (ring.fetch % ring.entries) as usize;
+        // SAFETY: i < entries, inside the mapped ring. `flags` is the
+        // first field and u32-aligned, so it can be viewed as atomic.
+        let gfn = unsafe { ring.gfns.add(i) };
+        // SAFETY: as above.
+        let flags = unsafe { &*(std::ptr::addr_of_mut!((*gfn).flags) as *const AtomicU32) };
+        if flags.load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY == 0 {
+            return found;
+        }
+        // SAFETY: KVM published this entry (DIRTY flag seen with acquire).
+        let (slot, offset) = unsafe { ((*gfn).slot, (*gfn).offset) };
+        route(slots, slot & 0xffff, offset);
+        flags.store(DIRTY_GFN_F_RESET, Ordering::Release);
+        ring.fetch = ring.fetch.wrapping_add(1);
+        found += 1;
+    }
+}
+
+fn route(slots: &[TrackedSlot], slot: u32, page: u64) {
+    if let Some(t) = slots.iter().find(|t| t.slot == slot) {
+        if !t.shared.states().mark_dirty(page) {
+            log::warn!("dirty log: page {page} is outside memslot {slot}");
+        }
+    }
+}
+
+impl DirtyLog {
+    fn harvest_bitmaps(&self) -> io::Result<u64> {
+        let mut found = 0;
+        for t in self.slots().iter() {
+            let bitmap = get_dirty_log(&self.vm, t.slot, t.size)?;
+            let mut states = t.shared.states();
+            for (w, &word) in bitmap.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    states.mark_dirty(page);
+                    bits &= bits - 1;
+                    found += 1;
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+fn page_size() -> libc::off_t {
+    // SAFETY: sysconf has no memory arguments.
+    let s = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if s > 0 {
+        s as libc::off_t
+    } else {
+        PAGE_SIZE as libc::off_t
+    }
+}
+
+/// KVM_GET_DIRTY_LOG on a dup of the VM fd (VmFd is not shared across
+/// threads here).
+fn get_dirty_log(vm: &File, slot: u32, size: u64) -> io::Result<Vec<u64>> {
+    let pages = size / PAGE_SIZE;
+    let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
+    let mut log = kvm_bindings::kvm_dirty_log {
+        slot,
+        ..Default::default()
+    };
+    log.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
+    // _IOW(KVMIO, 0x42, struct kvm_dirty_log), from include/uapi/linux/kvm.h.
+    const KVM_GET_DIRTY_LOG: libc::c_ulong = 0x4010_ae42;
+    // SAFETY: `log` points at a bitmap with one bit per page of the slot.
+    let rc = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_GET_DIRTY_LOG, &log) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(bitmap)
+}

@@ -1,0 +1,186 @@
+//! Fault servicing for pmem regions: who populates the guest's pages, how the
+//! first write to each page is caught (mkwrite), and how a flush writes back
+//! exactly the dirty pages and arms the catch again (mkclean).
+//!
+//! [`pages`] is the engine-independent core. The engines:
+//! - `kernel`: KVM populates from the MAP_SHARED file; KVM dirty logging
+//!   ([`dirty_log`]) reports first writes.
+//! - `prefault`: the same, with the region populated before boot.
+//! - `uffd`: the VMM serves every fault through userfaultfd.
+
+pub mod dirty_log;
+pub mod metrics;
+pub mod pages;
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use devices::virtio::pmem::{Writeback, WritebackReport};
+
+pub use metrics::{FaultMetrics, FaultStats};
+pub use pages::{Access, DirtySet, PageState, PageStates, Run, Transition, PAGE_SIZE};
+
+/// Largest single I/O of a writeback: 2 MiB.
+pub const MAX_RUN_PAGES: u64 = 512;
+
+/// What an engine's fault path and its flush share: the page states, under
+/// one lock so that a state change and the matching (un)protect happen
+/// together, and the counters.
+#[derive(Debug)]
+pub struct EngineShared {
+    states: Mutex<PageStates>,
+    pub metrics: FaultMetrics,
+}
+
+impl EngineShared {
+    pub fn new(size: u64) -> Arc<Self> {
+        Arc::new(Self {
+            states: Mutex::new(PageStates::new(size / PAGE_SIZE)),
+            metrics: FaultMetrics::default(),
+        })
+    }
+
+    pub fn states(&self) -> MutexGuard<'_, PageStates> {
+        self.states.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One durable writeback of `set`: `write_run` for each run (at most
+/// [`MAX_RUN_PAGES`]), then fdatasync. On failure the pages are dirty again
+/// and the error goes back to the guest.
+pub fn write_back(
+    shared: &EngineShared,
+    file: &File,
+    set: DirtySet,
+    mut write_run: impl FnMut(Run) -> io::Result<()>,
+) -> io::Result<WritebackReport> {
+    let pages = set.len();
+    let mut runs = 0;
+    let result = (|| {
+        for run in set.runs(MAX_RUN_PAGES) {
+            write_run(run)?;
+            runs += 1;
+        }
+        file.sync_data()
+    })();
+    match result {
+        Ok(()) => {
+            shared.metrics.record_flush(pages, runs);
+            Ok(WritebackReport {
+                pages: Some(pages),
+                bytes: Some(pages * PAGE_SIZE),
+            })
+        }
+        Err(e) => {
+            shared.states().redirty(&set);
+            Err(e)
+        }
+    }
+}
+
+/// Starts writeback of a run of the page cache of a MAP_SHARED file. The
+/// fdatasync that follows waits for it and flushes the device cache.
+pub fn start_range_writeback(file: &File, run: Run) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd; no memory is passed.
+    let rc = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            run.offset() as libc::off64_t,
+            run.bytes() as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Flush for the kernel and prefault engines: harvest KVM's dirty log into
+/// the page states (which re-arms the catch), then write back just those
+/// pages of the file.
+pub struct DirtyLogWriteback {
+    pub shared: Arc<EngineShared>,
+    pub log: Arc<dirty_log::DirtyLog>,
+    /// `None` for discard_writes: the mapping is private, nothing to write.
+    pub file: Option<File>,
+}
+
+impl Writeback for DirtyLogWriteback {
+    fn writeback(&mut self) -> io::Result<WritebackReport> {
+        self.log.harvest()?;
+        let set = {
+            // Every device's harvest lands in its own states; take ours.
+            self.shared.states().take_dirty()
+        };
+        match &self.file {
+            Some(file) => write_back(&self.shared, file, set, |run| {
+                start_range_writeback(file, run)
+            }),
+            None => {
+                self.shared.metrics.record_flush(0, 0);
+                Ok(WritebackReport::default())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn temp_file(name: &str, len: u64) -> (std::path::PathBuf, File) {
+        let path = std::env::temp_dir().join(format!("pmemvm-{name}-{}", std::process::id()));
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(len).unwrap();
+        (path, f)
+    }
+
+    #[test]
+    fn write_back_visits_runs_and_counts() {
+        let (path, mut f) = temp_file("wb", 64 * PAGE_SIZE);
+        f.write_all(b"x").unwrap();
+        let shared = EngineShared::new(64 * PAGE_SIZE);
+        for p in [1, 2, 3, 10] {
+            shared.states().mark_dirty(p);
+        }
+        let set = shared.states().take_dirty();
+        let mut seen = Vec::new();
+        let report = write_back(&shared, &f, set, |r| {
+            seen.push((r.first, r.pages));
+            start_range_writeback(&f, r)
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(1, 3), (10, 1)]);
+        assert_eq!(report.pages, Some(4));
+        let s = shared.metrics.snapshot("kernel");
+        assert_eq!((s.flush.pages, s.flush.runs, s.flush.last_pages), (4, 2, 4));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn failed_write_back_keeps_pages_dirty() {
+        let (path, f) = temp_file("wbfail", 8 * PAGE_SIZE);
+        let shared = EngineShared::new(8 * PAGE_SIZE);
+        shared.states().mark_dirty(4);
+        let set = shared.states().take_dirty();
+        let err = write_back(&shared, &f, set, |_| {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        })
+        .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        assert_eq!(shared.states().state(4), Some(PageState::Dirty));
+        assert_eq!(shared.metrics.snapshot("kernel").flush.pages, 0);
+        std::fs::remove_file(path).unwrap();
+    }
+}
