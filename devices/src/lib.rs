@@ -2,6 +2,9 @@
 //! transport and virtio-pmem. Nothing here depends on KVM: the VMM wires
 //! devices to the guest through [`bus::BusDevice`] and [`Interrupt`].
 
+// Guest-controlled values must never panic the VMM: no unwrap/expect outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod bus;
 pub mod legacy;
 pub mod ratelimit;

@@ -1,6 +1,9 @@
 //! The pmemvm virtual machine monitor: KVM set-up, guest memory, boot,
 //! vCPU threads and the run loop.
 
+// Guest-controlled values must never panic the VMM: no unwrap/expect outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod boot;
 pub mod cmdline;
 pub mod cpu;

@@ -31,6 +31,8 @@ pub struct FaultMetrics {
 }
 
 impl Default for FaultMetrics {
+    // The histogram bounds are constants; they cannot fail at run time.
+    #[allow(clippy::expect_used)]
     fn default() -> Self {
         Self {
             populate_read: AtomicU64::new(0),

@@ -122,6 +122,8 @@ pub struct PmemStats {
 }
 
 impl PmemMetrics {
+    // The histogram bounds are constants; they cannot fail at run time.
+    #[allow(clippy::expect_used)]
     pub fn new(file: String, size: u64) -> Self {
         // 1 µs .. 1 h at 3 significant digits: a few tens of KiB.
         let histogram = Histogram::new_with_bounds(1, 3_600_000_000, 3)
