@@ -6,11 +6,12 @@
 //! - `kernel`: KVM populates from the MAP_SHARED file; KVM dirty logging
 //!   ([`dirty_log`]) reports first writes.
 //! - `prefault`: the same, with the region populated before boot.
-//! - `uffd`: the VMM serves every fault through userfaultfd.
+//! - [`uffd`]: the VMM serves every fault through userfaultfd.
 
 pub mod dirty_log;
 pub mod metrics;
 pub mod pages;
+pub mod uffd;
 
 use std::fs::File;
 use std::io;
