@@ -13,6 +13,7 @@ pub mod host;
 pub mod layout;
 pub mod mptable;
 pub mod pmem;
+pub mod probe;
 pub mod stats;
 mod vcpu;
 mod vm;
