@@ -21,6 +21,88 @@ struct Cli {
 enum Command {
     /// Boot a Linux guest.
     Run(RunArgs),
+    /// Measure fault and flush costs per fault engine with a built-in
+    /// probe guest (no kernel needed).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchCommand,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Per-page cost of first reads, first writes, mkwrite, warm accesses
+    /// and re-dirtying after a flush, with KVM statistics.
+    Faults(BenchFaultsArgs),
+    /// End-to-end virtio-pmem FLUSH latency against host fdatasync, fsync
+    /// and msync of the same kind of file.
+    Flush(BenchFlushArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchCommonArgs {
+    /// Fault engines to compare, side by side.
+    #[arg(long, value_delimiter = ',', default_value = "kernel,uffd,prefault")]
+    engine: Vec<devices::virtio::pmem::FaultEngineKind>,
+    /// Pages the uffd engine inserts per fault.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=512))]
+    populate: Option<u16>,
+    /// The backing file: ext4 (written, synced), tmpfs or sparse.
+    #[arg(long, default_value = "ext4")]
+    backing: vmm::probe::BackingKind,
+    /// Directory for the backing files (default: the temp dir, /dev/shm for tmpfs).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Write every raw figure as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct BenchFaultsArgs {
+    #[command(flatten)]
+    common: BenchCommonArgs,
+    /// What to do to each page (default: all four, each in its own pages).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "read|write|read-write|write-flush-write"
+    )]
+    op: Vec<vmm::probe::FaultOp>,
+    /// Page order: seq, random or stride:K.
+    #[arg(long, default_value = "seq")]
+    pattern: vmm::probe::PagePattern,
+    /// Pages per op and run.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=262144))]
+    pages: u64,
+    /// Fresh probe VMs per engine, interleaved across engines.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    repeat: u32,
+    /// Seed of the random page order.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(clap::Args)]
+struct BenchFlushArgs {
+    #[command(flatten)]
+    common: BenchCommonArgs,
+    /// Dirty page counts to flush.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,64,4096")]
+    dirty: Vec<u64>,
+    /// Where the dirty pages are.
+    #[arg(
+        long,
+        default_value = "contiguous",
+        value_name = "contiguous|scattered"
+    )]
+    layout: vmm::probe::FlushLayout,
+    /// Measured flushes per dirty count (after one warm-up round).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=200))]
+    repeat: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -65,6 +147,65 @@ fn parse_size(s: &str) -> Result<u64, String> {
     devices::size::parse_size(s).map_err(|e| e.to_string())
 }
 
+/// Runs one bench command, prints its table, writes its JSON.
+fn bench(what: BenchCommand) -> ExitCode {
+    match run_bench(what) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pmemvm: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_bench(what: BenchCommand) -> Result<(), vmm::probe::ProbeError> {
+    let (table, json) = match what {
+        BenchCommand::Faults(a) => {
+            let report = vmm::probe::run_faults(&vmm::probe::FaultBenchConfig {
+                engines: a.common.engine,
+                ops: if a.op.is_empty() {
+                    vmm::probe::FaultOp::ALL.to_vec()
+                } else {
+                    a.op
+                },
+                pattern: a.pattern,
+                pages: a.pages,
+                populate: a.common.populate,
+                backing: a.common.backing,
+                dir: a.common.dir,
+                repeat: a.repeat,
+                seed: a.seed,
+                progress: true,
+            })?;
+            if let Some(path) = &a.common.json {
+                report.write_json(path)?;
+            }
+            (report.table(), a.common.json)
+        }
+        BenchCommand::Flush(a) => {
+            let report = vmm::probe::run_flush(&vmm::probe::FlushBenchConfig {
+                engines: a.common.engine,
+                dirty: a.dirty,
+                layout: a.layout,
+                populate: a.common.populate,
+                backing: a.common.backing,
+                dir: a.common.dir,
+                repeat: a.repeat,
+                progress: true,
+            })?;
+            if let Some(path) = &a.common.json {
+                report.write_json(path)?;
+            }
+            (report.table(), a.common.json)
+        }
+    };
+    print!("{table}");
+    if let Some(path) = json {
+        eprintln!("raw figures written to {}", path.display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
@@ -85,6 +226,7 @@ fn main() -> ExitCode {
             pmem: a.pmem,
             stats: a.stats,
         }),
+        Command::Bench(a) => return bench(a.what),
     };
     match result {
         Ok(status) => ExitCode::from(status.clamp(0, 255) as u8),

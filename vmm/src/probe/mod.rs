@@ -2,8 +2,108 @@
 //! measuring what guest page faults, first writes (mkwrite) and virtio-pmem
 //! flushes cost with each fault engine.
 //!
+//! - [`vm::ProbeVm`]: one vCPU at CPL3 in 64-bit mode, page tables built by
+//!   the VMM, one pmem device attached with [`crate::pmem::attach`] and
+//!   activated by the VMM through its virtio-mmio registers.
+//! - [`guest`]: the probe routine (global_asm!) and its parameter block.
+//! - [`bench`]: `pmemvm bench faults` and `pmemvm bench flush`.
 //! - [`kvm_stats`]: KVM's binary statistics, reusable by the main VMM.
 
+pub mod backing;
+pub mod bench;
+pub mod guest;
+pub mod host_flush;
 pub mod kvm_stats;
+pub mod paging;
+pub mod vm;
 
+use std::time::Duration;
+
+pub use backing::BackingKind;
+pub use bench::{
+    run_faults, run_flush, FaultBenchConfig, FaultBenchReport, FaultOp, FlushBenchConfig,
+    FlushBenchReport, FlushLayout, PagePattern,
+};
+pub use guest::{PageOrder, StepOp, StepSpec};
 pub use kvm_stats::{KvmStats, KvmStatsError};
+pub use vm::{ProbeRun, ProbeVm, ProbeVmConfig, StepResult};
+
+use crate::pmem::AttachError;
+use crate::vm::VmmError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error("engine {0} is not available in this build")]
+    EngineUnavailable(&'static str),
+    #[error(transparent)]
+    Paging(#[from] paging::PagingError),
+    #[error(transparent)]
+    Backing(#[from] backing::BackingError),
+    #[error(transparent)]
+    Stats(#[from] KvmStatsError),
+    #[error("cannot write the probe's {what} at guest {addr:#x}")]
+    GuestMemory { what: &'static str, addr: u64 },
+    #[error("the probe code is {0} bytes, more than the space reserved for it")]
+    CodeTooLarge(usize),
+    #[error("the probe program has {steps} steps; at most {max} fit in the parameter pages")]
+    TooManySteps { steps: usize, max: usize },
+    #[error("{0} samples do not fit in the probe VM's RAM; use fewer pages or repeats")]
+    TooManySamples(u64),
+    #[error("a step touches pages {first_page}..+{pages}, outside the {region_pages}-page region")]
+    StepOutsideRegion {
+        first_page: u64,
+        pages: u64,
+        region_pages: u64,
+    },
+    #[error("activating the virtio-pmem device: {0}")]
+    Activation(String),
+    #[error("the device event loop: {0}")]
+    EventLoop(std::io::Error),
+    #[error("draining the KVM dirty ring: {0}")]
+    DirtyRing(std::io::Error),
+    #[error(
+        "the probe guest triple-faulted (KVM_EXIT_SHUTDOWN) after {steps_done} steps: {state}"
+    )]
+    TripleFault { steps_done: usize, state: String },
+    #[error("the probe guest made an unexpected exit {exit}: {state}")]
+    UnexpectedExit { exit: String, state: String },
+    #[error("the probe guest broke the protocol: {0}")]
+    ProtocolViolation(String),
+    #[error("the probe reported failure {code:?} in step {step}")]
+    ProbeFailed {
+        code: guest::ProbeExitCode,
+        step: usize,
+    },
+    #[error(
+        "the probe guest did not finish within {timeout:?} ({steps_done} steps done): {state}"
+    )]
+    Timeout {
+        timeout: Duration,
+        steps_done: usize,
+        state: String,
+    },
+    #[error("host baseline: {what}: {source}")]
+    HostBaseline {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("--json {path}: {source}")]
+    Json {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1130 @@
+//! `pmemvm bench faults` and `pmemvm bench flush`: probe VMs per engine,
+//! side by side, and the tables and JSON made from their samples.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use devices::virtio::pmem::{FaultEngineKind, DEFAULT_POPULATE};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::backing::{BackingKind, ScratchDir};
+use super::guest::{PageOrder, StepOp, StepSpec};
+use super::host_flush::{HostFlushFile, HostSyncMethod};
+use super::vm::{ProbeRun, ProbeVm, ProbeVmConfig, StepResult};
+use super::ProbeError;
+use crate::host::HostKind;
+
+/// Which accesses `bench faults` makes, each in its own window of pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultOp {
+    /// First read of each page, then a warm read.
+    Read,
+    /// First write of each page, then a warm write.
+    Write,
+    /// First read, then the first write of the same pages (mkwrite).
+    ReadWrite,
+    /// First write, flush, write the same pages again, flush.
+    WriteFlushWrite,
+}
+
+impl FaultOp {
+    pub const ALL: [FaultOp; 4] = [
+        FaultOp::Read,
+        FaultOp::ReadWrite,
+        FaultOp::Write,
+        FaultOp::WriteFlushWrite,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::ReadWrite => "read-write",
+            Self::WriteFlushWrite => "write-flush-write",
+        }
+    }
+
+    /// The steps over one window, each with the event it measures.
+    fn steps(self, window: StepSpec) -> Vec<(StepSpec, FaultEvent)> {
+        let read = StepSpec {
+            op: StepOp::Read,
+            ..window
+        };
+        let write = StepSpec {
+            op: StepOp::Write,
+            ..window
+        };
+        let flush = StepSpec {
+            op: StepOp::Flush,
+            count: 1,
+            first_page: 0,
+            order: PageOrder::Stride { stride: 1 },
+        };
+        match self {
+            Self::Read => vec![(read, FaultEvent::FirstRead), (read, FaultEvent::WarmRead)],
+            Self::Write => vec![
+                (write, FaultEvent::FirstWrite),
+                (write, FaultEvent::WarmWrite),
+            ],
+            Self::ReadWrite => vec![(read, FaultEvent::FirstRead), (write, FaultEvent::Mkwrite)],
+            Self::WriteFlushWrite => vec![
+                (write, FaultEvent::FirstWrite),
+                (flush, FaultEvent::Flush),
+                (write, FaultEvent::RedirtyAfterFlush),
+                (flush, FaultEvent::Flush),
+            ],
+        }
+    }
+}
+
+impl FromStr for FaultOp {
+    type Err = ProbeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "read" => Ok(Self::Read),
+            "write" => Ok(Self::Write),
+            "read-write" => Ok(Self::ReadWrite),
+            "write-flush-write" => Ok(Self::WriteFlushWrite),
+            _ => Err(ProbeError::Config(format!(
+                "--op {s}: expected read, write, read-write or write-flush-write"
+            ))),
+        }
+    }
+}
+
+/// The order in which a window's pages are touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PagePattern {
+    Sequential,
+    /// Every page once, in LCG order.
+    Random,
+    /// Every K-th page: the window spans `pages * K` pages.
+    Stride(u64),
+}
+
+impl PagePattern {
+    fn order(self, seed: u64) -> PageOrder {
+        match self {
+            Self::Sequential => PageOrder::Stride { stride: 1 },
+            Self::Stride(k) => PageOrder::Stride { stride: k },
+            Self::Random => PageOrder::Random { stride: 1, seed },
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Self::Sequential => "seq".into(),
+            Self::Random => "random".into(),
+            Self::Stride(k) => format!("stride:{k}"),
+        }
+    }
+}
+
+impl FromStr for PagePattern {
+    type Err = ProbeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "seq" | "sequential" => Ok(Self::Sequential),
+            "random" => Ok(Self::Random),
+            _ => s
+                .strip_prefix("stride:")
+                .and_then(|k| k.parse::<u64>().ok())
+                .filter(|&k| (1..=1 << 20).contains(&k))
+                .map(Self::Stride)
+                .ok_or_else(|| {
+                    ProbeError::Config(format!(
+                        "--pattern {s}: expected seq, random or stride:K with K from 1"
+                    ))
+                }),
+        }
+    }
+}
+
+/// What a fault-bench sample measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultEvent {
+    FirstRead,
+    FirstWrite,
+    /// The first write to a page that was read before.
+    Mkwrite,
+    WarmRead,
+    WarmWrite,
+    /// Writing pages again after a flush wrote them back.
+    RedirtyAfterFlush,
+    /// The flush request itself (per request, not per page).
+    Flush,
+}
+
+impl FaultEvent {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::FirstRead => "first read",
+            Self::FirstWrite => "first write",
+            Self::Mkwrite => "mkwrite (write after read)",
+            Self::WarmRead => "warm read",
+            Self::WarmWrite => "warm write",
+            Self::RedirtyAfterFlush => "re-dirty after flush",
+            Self::Flush => "flush request",
+        }
+    }
+}
+
+/// `pmemvm bench faults` options.
+#[derive(Debug, Clone)]
+pub struct FaultBenchConfig {
+    pub engines: Vec<FaultEngineKind>,
+    pub ops: Vec<FaultOp>,
+    pub pattern: PagePattern,
+    /// Pages per op and run.
+    pub pages: u64,
+    /// uffd pages per fault.
+    pub populate: Option<u16>,
+    pub backing: BackingKind,
+    /// Where backing files go; a default per backing kind otherwise.
+    pub dir: Option<PathBuf>,
+    pub repeat: u32,
+    pub seed: u64,
+    /// One line per engine and repeat on stderr.
+    pub progress: bool,
+}
+
+impl Default for FaultBenchConfig {
+    fn default() -> Self {
+        Self {
+            engines: vec![
+                FaultEngineKind::Kernel,
+                FaultEngineKind::Uffd,
+                FaultEngineKind::Prefault,
+            ],
+            ops: FaultOp::ALL.to_vec(),
+            pattern: PagePattern::Sequential,
+            pages: 4096,
+            populate: None,
+            backing: BackingKind::Ext4,
+            dir: None,
+            repeat: 3,
+            seed: 1,
+            progress: false,
+        }
+    }
+}
+
+/// Latency figures of one row.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencySummary {
+    pub samples: u64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub mean_ns: f64,
+    pub max_ns: u64,
+}
+
+impl LatencySummary {
+    // The histogram bounds are constants; they cannot fail at run time.
+    #[allow(clippy::expect_used)]
+    fn from_ns(ns: &[f64]) -> Self {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 1_000_000_000_000, 3)
+            .expect("constant histogram bounds are valid");
+        for &v in ns {
+            h.saturating_record((v.round() as u64).max(1));
+        }
+        let mean_ns = if ns.is_empty() {
+            0.0
+        } else {
+            ns.iter().sum::<f64>() / ns.len() as f64
+        };
+        if ns.is_empty() {
+            return Self {
+                samples: 0,
+                p50_ns: 0,
+                p99_ns: 0,
+                mean_ns,
+                max_ns: 0,
+            };
+        }
+        Self {
+            samples: ns.len() as u64,
+            p50_ns: h.value_at_quantile(0.5),
+            p99_ns: h.value_at_quantile(0.99),
+            mean_ns,
+            max_ns: h.max(),
+        }
+    }
+}
+
+/// One row of the faults table.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultSummaryRow {
+    pub engine: &'static str,
+    pub event: FaultEvent,
+    #[serde(flatten)]
+    pub latency: LatencySummary,
+    /// 1e9 / mean: how many such accesses one vCPU does per second.
+    pub per_second: f64,
+    /// KVM statistic deltas divided by the samples (per page, or per
+    /// request for flushes), less what a step boundary alone costs.
+    pub kvm_per_sample: BTreeMap<String, f64>,
+}
+
+/// One step of one run, raw.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    pub event: Option<FaultEvent>,
+    /// An empty step: its KVM statistics are the cost of a step boundary.
+    pub calibration: bool,
+    pub op: StepOp,
+    pub count: u64,
+    pub first_page: u64,
+    pub order: PageOrder,
+    pub ticks: Vec<u64>,
+    pub wall_us: f64,
+    pub kvm_vcpu: BTreeMap<String, i64>,
+    pub kvm_vm: BTreeMap<String, i64>,
+    /// The fault engine's counters after the step.
+    pub engine_after: crate::fault::FaultStats,
+    pub device_after: devices::virtio::pmem::PmemStats,
+}
+
+/// One probe VM's run, raw.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub engine: &'static str,
+    pub repeat: u32,
+    pub tsc_khz: u32,
+    pub setup_us: f64,
+    pub efault_retries: u64,
+    pub dirty_ring_full_exits: u64,
+    pub steps: Vec<StepRecord>,
+}
+
+impl RunRecord {
+    fn new(run: &ProbeRun, repeat: u32, events: &[Option<FaultEvent>]) -> Self {
+        Self {
+            engine: run.engine.name(),
+            repeat,
+            tsc_khz: run.tsc_khz,
+            setup_us: run.setup.as_secs_f64() * 1e6,
+            efault_retries: run.efault_retries,
+            dirty_ring_full_exits: run.dirty_ring_full_exits,
+            steps: run
+                .steps
+                .iter()
+                .zip(events)
+                .map(|(s, &event)| StepRecord::new(s, event))
+                .collect(),
+        }
+    }
+
+    fn ns(&self, step: &StepRecord) -> impl Iterator<Item = f64> + '_ {
+        let khz = f64::from(self.tsc_khz);
+        step.ticks
+            .clone()
+            .into_iter()
+            .map(move |t| t as f64 * 1e6 / khz)
+    }
+}
+
+impl StepRecord {
+    fn new(s: &StepResult, event: Option<FaultEvent>) -> Self {
+        Self {
+            event,
+            calibration: event.is_none() && s.spec.count == 0,
+            op: s.spec.op,
+            count: s.spec.count,
+            first_page: s.spec.first_page,
+            order: s.spec.order,
+            ticks: s.ticks.clone(),
+            wall_us: s.wall.as_secs_f64() * 1e6,
+            kvm_vcpu: s.vcpu_stats.clone(),
+            kvm_vm: s.vm_stats.clone(),
+            engine_after: s.engine.clone(),
+            device_after: s.device.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SkippedEngine {
+    pub engine: &'static str,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultBenchConfigRecord {
+    pub engines: Vec<&'static str>,
+    pub ops: Vec<FaultOp>,
+    pub pattern: String,
+    pub pages: u64,
+    pub populate: Option<u16>,
+    pub backing: BackingKind,
+    pub repeat: u32,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostRecord {
+    pub kind: &'static str,
+    pub kernel: String,
+}
+
+impl HostRecord {
+    fn detect() -> Self {
+        Self {
+            kind: HostKind::detect().describe(),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Everything `bench faults` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultBenchReport {
+    pub bench: &'static str,
+    pub config: FaultBenchConfigRecord,
+    pub host: HostRecord,
+    pub summary: Vec<FaultSummaryRow>,
+    pub skipped_engines: Vec<SkippedEngine>,
+    pub runs: Vec<RunRecord>,
+}
+
+/// KVM statistics shown in the table when KVM has them.
+const VCPU_STATS_SHOWN: [&str; 6] = [
+    "pf_taken",
+    "pf_fixed",
+    "pf_emulate",
+    "pf_spurious",
+    "exits",
+    "mmio_exits",
+];
+const VM_STATS_SHOWN: [&str; 3] = ["pages_4k", "pages_2m", "remote_tlb_flush"];
+
+fn probe_timeout(samples: u64) -> Duration {
+    Duration::from_secs(30) + Duration::from_millis(samples)
+}
+
+/// Runs one probe VM with a fresh backing file; `Ok(None)` when the engine
+/// is not available.
+fn run_probe(
+    scratch: &mut ScratchDir,
+    engine: FaultEngineKind,
+    populate: Option<u16>,
+    region_pages: u64,
+    steps: &[StepSpec],
+) -> Result<Result<ProbeRun, String>, ProbeError> {
+    let region_pages = region_pages.max(1).div_ceil(512) * 512;
+    let backing = scratch.create_file(region_pages * super::paging::PAGE)?;
+    let samples = steps.iter().map(|s| s.count).sum();
+    let config = ProbeVmConfig {
+        engine,
+        populate: if engine == FaultEngineKind::Uffd {
+            populate.unwrap_or(DEFAULT_POPULATE)
+        } else {
+            DEFAULT_POPULATE
+        },
+        backing: backing.clone(),
+        region_pages,
+        timeout: probe_timeout(samples),
+    };
+    let result = ProbeVm::new(&config, steps).and_then(ProbeVm::run);
+    let _ = std::fs::remove_file(&backing);
+    match result {
+        Ok(run) => Ok(Ok(run)),
+        Err(ProbeError::EngineUnavailable(name)) => {
+            Ok(Err(format!("engine {name} is not available in this build")))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Empty steps at the start of a fault-bench program.
+const CALIBRATION_STEPS: usize = 2;
+
+/// The fault-bench program: every op in its own window.
+fn fault_program(config: &FaultBenchConfig) -> (Vec<StepSpec>, Vec<Option<FaultEvent>>, u64) {
+    // Two empty steps first: the second one's KVM statistics are what a
+    // step boundary alone costs, subtracted from every measured step.
+    let empty = StepSpec {
+        op: StepOp::Read,
+        count: 0,
+        first_page: 0,
+        order: PageOrder::Stride { stride: 1 },
+    };
+    let mut steps = vec![empty; CALIBRATION_STEPS];
+    let mut events = vec![None; CALIBRATION_STEPS];
+    let mut next_page = 0;
+    for (i, op) in config.ops.iter().enumerate() {
+        let order = config.pattern.order(config.seed.wrapping_add(i as u64));
+        let window = StepSpec {
+            op: StepOp::Read,
+            count: config.pages,
+            first_page: next_page,
+            order,
+        };
+        next_page += window.window_pages();
+        for (step, event) in op.steps(window) {
+            steps.push(step);
+            events.push(Some(event));
+        }
+    }
+    (steps, events, next_page)
+}
+
+/// `pmemvm bench faults`.
+pub fn run_faults(config: &FaultBenchConfig) -> Result<FaultBenchReport, ProbeError> {
+    if config.pages == 0 || config.repeat == 0 || config.engines.is_empty() || config.ops.is_empty()
+    {
+        return Err(ProbeError::Config(
+            "--pages, --repeat, --engine and --op must not be empty or zero".into(),
+        ));
+    }
+    let (steps, events, region_pages) = fault_program(config);
+    let mut scratch = ScratchDir::new(config.backing, config.dir.as_deref())?;
+    let mut engines = config.engines.clone();
+    let mut skipped = Vec::new();
+    let mut runs = Vec::new();
+    for repeat in 0..config.repeat {
+        let mut i = 0;
+        while i < engines.len() {
+            let engine = engines[i];
+            let started = Instant::now();
+            match run_probe(&mut scratch, engine, config.populate, region_pages, &steps)? {
+                Ok(run) => {
+                    if config.progress {
+                        eprintln!(
+                            "bench faults: repeat {}/{} engine {:<8} {} steps, {} samples in {:.2} s",
+                            repeat + 1,
+                            config.repeat,
+                            engine.name(),
+                            run.steps.len(),
+                            run.steps.iter().map(|s| s.ticks.len()).sum::<usize>(),
+                            started.elapsed().as_secs_f64()
+                        );
+                    }
+                    runs.push(RunRecord::new(&run, repeat, &events));
+                    i += 1;
+                }
+                Err(reason) => {
+                    if config.progress {
+                        eprintln!("bench faults: skipping engine {}: {reason}", engine.name());
+                    }
+                    skipped.push(SkippedEngine {
+                        engine: engine.name(),
+                        reason,
+                    });
+                    engines.remove(i);
+                }
+            }
+        }
+    }
+    let summary = summarize_faults(&engines, &runs);
+    Ok(FaultBenchReport {
+        bench: "faults",
+        config: FaultBenchConfigRecord {
+            engines: config.engines.iter().map(|e| e.name()).collect(),
+            ops: config.ops.clone(),
+            pattern: config.pattern.name(),
+            pages: config.pages,
+            populate: config.populate,
+            backing: config.backing,
+            repeat: config.repeat,
+            seed: config.seed,
+        },
+        host: HostRecord::detect(),
+        summary,
+        skipped_engines: skipped,
+        runs,
+    })
+}
+
+fn summarize_faults(engines: &[FaultEngineKind], runs: &[RunRecord]) -> Vec<FaultSummaryRow> {
+    let mut rows = Vec::new();
+    for engine in engines {
+        let mut by_event: BTreeMap<FaultEvent, (Vec<f64>, BTreeMap<String, i64>)> = BTreeMap::new();
+        for run in runs.iter().filter(|r| r.engine == engine.name()) {
+            let boundary: BTreeMap<&String, i64> = run
+                .steps
+                .iter()
+                .rfind(|s| s.calibration)
+                .map(|s| {
+                    s.kvm_vcpu
+                        .iter()
+                        .chain(&s.kvm_vm)
+                        .map(|(k, &v)| (k, v))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for step in &run.steps {
+                let Some(event) = step.event else { continue };
+                let (ns, kvm) = by_event.entry(event).or_default();
+                ns.extend(run.ns(step));
+                for (k, v) in step.kvm_vcpu.iter().chain(&step.kvm_vm) {
+                    *kvm.entry(k.clone()).or_default() += v - boundary.get(k).copied().unwrap_or(0);
+                }
+            }
+        }
+        for (event, (ns, kvm)) in by_event {
+            let latency = LatencySummary::from_ns(&ns);
+            let n = latency.samples.max(1) as f64;
+            rows.push(FaultSummaryRow {
+                engine: engine.name(),
+                event,
+                per_second: if latency.mean_ns > 0.0 {
+                    1e9 / latency.mean_ns
+                } else {
+                    0.0
+                },
+                latency,
+                kvm_per_sample: kvm.into_iter().map(|(k, v)| (k, v as f64 / n)).collect(),
+            });
+        }
+    }
+    rows
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<(), ProbeError> {
+    let err = |source| ProbeError::Json {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut json = serde_json::to_vec_pretty(value).map_err(|e| err(std::io::Error::other(e)))?;
+    json.push(b'\n');
+    std::fs::write(path, json).map_err(err)
+}
+
+fn fmt_ns(ns: f64) -> String {
+    if ns >= 10_000_000.0 {
+        format!("{:.1} ms", ns / 1e6)
+    } else if ns >= 10_000.0 {
+        format!("{:.1} us", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+fn fmt_rate(per_s: f64) -> String {
+    if per_s >= 1e6 {
+        format!("{:.1} M", per_s / 1e6)
+    } else if per_s >= 1e3 {
+        format!("{:.1} k", per_s / 1e3)
+    } else {
+        format!("{per_s:.0}")
+    }
+}
+
+impl FaultBenchReport {
+    pub fn write_json(&self, path: &Path) -> Result<(), ProbeError> {
+        write_json(path, self)
+    }
+
+    /// The latency table, then the KVM statistics per sample.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let c = &self.config;
+        let _ = writeln!(
+            out,
+            "bench faults: {} pages per op, pattern {}, backing {}, {} repeat(s); ops {}",
+            c.pages,
+            c.pattern,
+            c.backing.name(),
+            c.repeat,
+            c.ops.iter().map(|o| o.name()).collect::<Vec<_>>().join(",")
+        );
+        let _ = writeln!(
+            out,
+            "{:<9} {:<27} {:>8} {:>10} {:>10} {:>10} {:>9}",
+            "engine", "event", "samples", "p50", "p99", "mean", "per s"
+        );
+        for r in &self.summary {
+            let _ = writeln!(
+                out,
+                "{:<9} {:<27} {:>8} {:>10} {:>10} {:>10} {:>9}",
+                r.engine,
+                r.event.label(),
+                r.latency.samples,
+                fmt_ns(r.latency.p50_ns as f64),
+                fmt_ns(r.latency.p99_ns as f64),
+                fmt_ns(r.latency.mean_ns),
+                fmt_rate(r.per_second)
+            );
+        }
+        let shown: Vec<&str> = VCPU_STATS_SHOWN
+            .iter()
+            .chain(&VM_STATS_SHOWN)
+            .copied()
+            .filter(|k| {
+                self.summary
+                    .iter()
+                    .any(|r| r.kvm_per_sample.contains_key(*k))
+            })
+            .collect();
+        if !shown.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nKVM statistics per sample (page; request for flushes), step boundary subtracted:"
+            );
+            let _ = write!(out, "{:<9} {:<27}", "engine", "event");
+            for k in &shown {
+                let _ = write!(out, " {:>16}", k);
+            }
+            out.push('\n');
+            for r in &self.summary {
+                let _ = write!(out, "{:<9} {:<27}", r.engine, r.event.label());
+                for k in &shown {
+                    match r.kvm_per_sample.get(*k) {
+                        Some(v) => {
+                            let _ = write!(out, " {v:>16.2}");
+                        }
+                        None => {
+                            let _ = write!(out, " {:>16}", "-");
+                        }
+                    }
+                }
+                out.push('\n');
+            }
+        }
+        for s in &self.skipped_engines {
+            let _ = writeln!(out, "skipped engine {}: {}", s.engine, s.reason);
+        }
+        out
+    }
+}
+
+/// Where `bench flush` puts the dirty pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlushLayout {
+    /// One run of pages from the start of the region.
+    Contiguous,
+    /// Spread evenly over the region, at least one page apart.
+    Scattered,
+}
+
+impl FromStr for FlushLayout {
+    type Err = ProbeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "contiguous" => Ok(Self::Contiguous),
+            "scattered" => Ok(Self::Scattered),
+            _ => Err(ProbeError::Config(format!(
+                "--layout {s}: expected contiguous or scattered"
+            ))),
+        }
+    }
+}
+
+impl FlushLayout {
+    /// Region pages for dirty counts up to `max_dirty`.
+    pub fn region_pages(self, max_dirty: u64) -> u64 {
+        let pages = match self {
+            Self::Contiguous => max_dirty,
+            Self::Scattered => 2 * max_dirty,
+        };
+        pages.max(4096).div_ceil(512) * 512
+    }
+
+    /// The pages `dirty` writes touch, as a probe step.
+    pub fn write_step(self, dirty: u64, region_pages: u64) -> StepSpec {
+        let stride = match self {
+            Self::Contiguous => 1,
+            Self::Scattered => (region_pages / dirty.max(1)).max(2),
+        };
+        StepSpec {
+            op: StepOp::Write,
+            count: dirty,
+            first_page: 0,
+            order: PageOrder::Stride { stride },
+        }
+    }
+}
+
+/// `pmemvm bench flush` options.
+#[derive(Debug, Clone)]
+pub struct FlushBenchConfig {
+    pub engines: Vec<FaultEngineKind>,
+    pub dirty: Vec<u64>,
+    pub layout: FlushLayout,
+    pub populate: Option<u16>,
+    pub backing: BackingKind,
+    pub dir: Option<PathBuf>,
+    pub repeat: u32,
+    pub progress: bool,
+}
+
+impl Default for FlushBenchConfig {
+    fn default() -> Self {
+        Self {
+            engines: vec![
+                FaultEngineKind::Kernel,
+                FaultEngineKind::Uffd,
+                FaultEngineKind::Prefault,
+            ],
+            dirty: vec![0, 1, 64, 4096],
+            layout: FlushLayout::Contiguous,
+            populate: None,
+            backing: BackingKind::Ext4,
+            dir: None,
+            repeat: 5,
+            progress: false,
+        }
+    }
+}
+
+/// One row of the flush table.
+#[derive(Debug, Clone, Serialize)]
+pub struct FlushSummaryRow {
+    /// `probe <engine>` or `host <method>`.
+    pub case: String,
+    pub dirty: u64,
+    #[serde(flatten)]
+    pub latency: LatencySummary,
+    /// p50 / p50 of host fdatasync at the same dirty count.
+    pub p50_vs_fdatasync: Option<f64>,
+    /// Pages the device's writeback wrote, per flush (probe rows; median).
+    pub writeback_pages: Option<u64>,
+}
+
+/// One host-side sync, raw.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostSyncRecord {
+    pub method: HostSyncMethod,
+    pub dirty: u64,
+    pub round: u32,
+    pub warmup: bool,
+    pub ns: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FlushBenchConfigRecord {
+    pub engines: Vec<&'static str>,
+    pub dirty: Vec<u64>,
+    pub layout: FlushLayout,
+    pub region_pages: u64,
+    pub populate: Option<u16>,
+    pub backing: BackingKind,
+    pub repeat: u32,
+}
+
+/// Everything `bench flush` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct FlushBenchReport {
+    pub bench: &'static str,
+    pub config: FlushBenchConfigRecord,
+    pub host: HostRecord,
+    pub summary: Vec<FlushSummaryRow>,
+    pub skipped_engines: Vec<SkippedEngine>,
+    /// One probe VM per engine; the first round of steps is a warm-up.
+    pub probe_runs: Vec<RunRecord>,
+    pub host_syncs: Vec<HostSyncRecord>,
+}
+
+/// The flush-bench program: a warm-up round, then `repeat` rounds of
+/// (dirty D pages, flush) for every D. Returns the steps and, per step,
+/// `(round, dirty)` for flushes.
+fn flush_program(
+    config: &FlushBenchConfig,
+    region_pages: u64,
+) -> (Vec<StepSpec>, Vec<Option<(u32, u64)>>) {
+    let mut steps = Vec::new();
+    let mut tags = Vec::new();
+    for round in 0..=config.repeat {
+        for &dirty in &config.dirty {
+            if dirty > 0 {
+                steps.push(config.layout.write_step(dirty, region_pages));
+                tags.push(None);
+            }
+            steps.push(StepSpec {
+                op: StepOp::Flush,
+                count: 1,
+                first_page: 0,
+                order: PageOrder::Stride { stride: 1 },
+            });
+            tags.push(Some((round, dirty)));
+        }
+    }
+    (steps, tags)
+}
+
+/// `pmemvm bench flush`.
+pub fn run_flush(config: &FlushBenchConfig) -> Result<FlushBenchReport, ProbeError> {
+    if config.repeat == 0 || config.dirty.is_empty() || config.engines.is_empty() {
+        return Err(ProbeError::Config(
+            "--repeat, --dirty and --engine must not be empty or zero".into(),
+        ));
+    }
+    let max_dirty = config.dirty.iter().copied().max().unwrap_or(0);
+    let region_pages = config.layout.region_pages(max_dirty);
+    let (steps, tags) = flush_program(config, region_pages);
+    let mut scratch = ScratchDir::new(config.backing, config.dir.as_deref())?;
+    let mut skipped = Vec::new();
+    let mut runs = Vec::new();
+    let mut engines = Vec::new();
+    for &engine in &config.engines {
+        let started = Instant::now();
+        match run_probe(&mut scratch, engine, config.populate, region_pages, &steps)? {
+            Ok(run) => {
+                if config.progress {
+                    eprintln!(
+                        "bench flush: engine {:<8} {} rounds x {} dirty counts in {:.2} s",
+                        engine.name(),
+                        config.repeat + 1,
+                        config.dirty.len(),
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                let events = vec![None; steps.len()];
+                runs.push((RunRecord::new(&run, 0, &events), engine));
+                engines.push(engine);
+            }
+            Err(reason) => {
+                if config.progress {
+                    eprintln!("bench flush: skipping engine {}: {reason}", engine.name());
+                }
+                skipped.push(SkippedEngine {
+                    engine: engine.name(),
+                    reason,
+                });
+            }
+        }
+    }
+
+    let started = Instant::now();
+    let host_path = scratch.create_file(region_pages * super::paging::PAGE)?;
+    let mut host_file = HostFlushFile::open(&host_path, region_pages)?;
+    let mut host_syncs = Vec::new();
+    for round in 0..=config.repeat {
+        for &dirty in &config.dirty {
+            let pages = if dirty == 0 {
+                Vec::new()
+            } else {
+                config.layout.write_step(dirty, region_pages).pages()
+            };
+            for method in HostSyncMethod::ALL {
+                let took = host_file.timed_sync(&pages, method)?;
+                host_syncs.push(HostSyncRecord {
+                    method,
+                    dirty,
+                    round,
+                    warmup: round == 0,
+                    ns: u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+                });
+            }
+        }
+        if config.progress {
+            eprintln!(
+                "bench flush: host baselines round {}/{} ({:.2} s)",
+                round + 1,
+                config.repeat + 1,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    drop(host_file);
+    let _ = std::fs::remove_file(&host_path);
+
+    let summary = summarize_flush(config, &runs, &tags, &host_syncs);
+    Ok(FlushBenchReport {
+        bench: "flush",
+        config: FlushBenchConfigRecord {
+            engines: config.engines.iter().map(|e| e.name()).collect(),
+            dirty: config.dirty.clone(),
+            layout: config.layout,
+            region_pages,
+            populate: config.populate,
+            backing: config.backing,
+            repeat: config.repeat,
+        },
+        host: HostRecord::detect(),
+        summary,
+        skipped_engines: skipped,
+        probe_runs: runs.into_iter().map(|(r, _)| r).collect(),
+        host_syncs,
+    })
+}
+
+fn summarize_flush(
+    config: &FlushBenchConfig,
+    runs: &[(RunRecord, FaultEngineKind)],
+    tags: &[Option<(u32, u64)>],
+    host: &[HostSyncRecord],
+) -> Vec<FlushSummaryRow> {
+    let mut rows = Vec::new();
+    for &dirty in &config.dirty {
+        let host_ns = |method: HostSyncMethod| -> Vec<f64> {
+            host.iter()
+                .filter(|h| h.method == method && h.dirty == dirty && !h.warmup)
+                .map(|h| h.ns as f64)
+                .collect()
+        };
+        let baseline = LatencySummary::from_ns(&host_ns(HostSyncMethod::Fdatasync)).p50_ns;
+        let ratio = |l: &LatencySummary| (baseline > 0).then(|| l.p50_ns as f64 / baseline as f64);
+        for (run, engine) in runs {
+            let mut ns = Vec::new();
+            let mut written = Vec::new();
+            for (step, tag) in run.steps.iter().zip(tags) {
+                if let Some((round, d)) = tag {
+                    if *d == dirty && *round > 0 {
+                        ns.extend(run.ns(step));
+                        written.push(step.engine_after.flush.last_pages);
+                    }
+                }
+            }
+            written.sort_unstable();
+            let latency = LatencySummary::from_ns(&ns);
+            rows.push(FlushSummaryRow {
+                case: format!("probe {}", engine.name()),
+                dirty,
+                p50_vs_fdatasync: ratio(&latency),
+                writeback_pages: written.get(written.len() / 2).copied(),
+                latency,
+            });
+        }
+        for method in HostSyncMethod::ALL {
+            let latency = LatencySummary::from_ns(&host_ns(method));
+            rows.push(FlushSummaryRow {
+                case: format!("host {}", method.label()),
+                dirty,
+                p50_vs_fdatasync: ratio(&latency),
+                writeback_pages: None,
+                latency,
+            });
+        }
+    }
+    rows
+}
+
+impl FlushBenchReport {
+    pub fn write_json(&self, path: &Path) -> Result<(), ProbeError> {
+        write_json(path, self)
+    }
+
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let c = &self.config;
+        let _ = writeln!(
+            out,
+            "bench flush: layout {}, region {} pages, backing {}, {} measured round(s) after a warm-up",
+            match c.layout {
+                FlushLayout::Contiguous => "contiguous",
+                FlushLayout::Scattered => "scattered",
+            },
+            c.region_pages,
+            c.backing.name(),
+            c.repeat
+        );
+        let _ = writeln!(
+            out,
+            "{:>6} {:<26} {:>10} {:>10} {:>10} {:>11} {:>9}",
+            "dirty", "case", "p50 us", "p99 us", "mean us", "x fdatasync", "wb pages"
+        );
+        for r in &self.summary {
+            let _ = writeln!(
+                out,
+                "{:>6} {:<26} {:>10.1} {:>10.1} {:>10.1} {:>11} {:>9}",
+                r.dirty,
+                r.case,
+                r.latency.p50_ns as f64 / 1e3,
+                r.latency.p99_ns as f64 / 1e3,
+                r.latency.mean_ns / 1e3,
+                r.p50_vs_fdatasync
+                    .map_or_else(|| "-".to_string(), |x| format!("{x:.2}")),
+                r.writeback_pages
+                    .map_or_else(|| "-".to_string(), |p| p.to_string()),
+            );
+        }
+        for s in &self.skipped_engines {
+            let _ = writeln!(out, "skipped engine {}: {}", s.engine, s.reason);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_options() {
+        assert_eq!(
+            "seq".parse::<PagePattern>().unwrap(),
+            PagePattern::Sequential
+        );
+        assert_eq!(
+            "random".parse::<PagePattern>().unwrap(),
+            PagePattern::Random
+        );
+        assert_eq!(
+            "stride:16".parse::<PagePattern>().unwrap(),
+            PagePattern::Stride(16)
+        );
+        assert!("stride:0".parse::<PagePattern>().is_err());
+        assert!("stride:x".parse::<PagePattern>().is_err());
+        assert_eq!(
+            "write-flush-write".parse::<FaultOp>().unwrap(),
+            FaultOp::WriteFlushWrite
+        );
+        assert!("mkwrite".parse::<FaultOp>().is_err());
+        assert_eq!(
+            "scattered".parse::<FlushLayout>().unwrap(),
+            FlushLayout::Scattered
+        );
+    }
+
+    #[test]
+    fn fault_program_gives_each_op_its_own_window() {
+        let config = FaultBenchConfig {
+            pages: 10,
+            pattern: PagePattern::Stride(3),
+            ..Default::default()
+        };
+        let (steps, events, region) = fault_program(&config);
+        assert_eq!(region, 4 * 30);
+        assert_eq!(steps.len(), events.len());
+        assert_eq!(steps.len(), CALIBRATION_STEPS + 2 + 2 + 2 + 4);
+        assert!(steps[..CALIBRATION_STEPS].iter().all(|s| s.count == 0));
+        let (steps, events) = (&steps[CALIBRATION_STEPS..], &events[CALIBRATION_STEPS..]);
+        let firsts: Vec<u64> = steps
+            .iter()
+            .filter(|s| s.op != StepOp::Flush)
+            .map(|s| s.first_page)
+            .collect();
+        assert_eq!(firsts, vec![0, 0, 30, 30, 60, 60, 90, 90]);
+        assert_eq!(events[3], Some(FaultEvent::Mkwrite));
+        assert_eq!(events[8], Some(FaultEvent::RedirtyAfterFlush));
+    }
+
+    #[test]
+    fn scattered_layout_spreads_pages() {
+        let region = FlushLayout::Scattered.region_pages(4096);
+        assert_eq!(region, 8192);
+        let pages = FlushLayout::Scattered.write_step(64, region).pages();
+        assert_eq!(pages.len(), 64);
+        assert_eq!(pages[1] - pages[0], 128);
+        assert!(pages.iter().all(|&p| p < region));
+        let all = FlushLayout::Scattered.write_step(4096, region).pages();
+        assert_eq!(all[1] - all[0], 2);
+        let c = FlushLayout::Contiguous.write_step(64, 4096).pages();
+        assert_eq!(c, (0..64).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn latency_summary_percentiles() {
+        let ns: Vec<f64> = (1..=100).map(|v| v as f64 * 1000.0).collect();
+        let s = LatencySummary::from_ns(&ns);
+        assert_eq!(s.samples, 100);
+        assert!((49_900..=50_100).contains(&s.p50_ns), "{s:?}");
+        assert!((98_900..=99_100).contains(&s.p99_ns), "{s:?}");
+        assert!((s.mean_ns - 50_500.0).abs() < 1e-6);
+        assert_eq!(LatencySummary::from_ns(&[]).samples, 0);
+    }
+}

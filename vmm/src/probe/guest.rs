@@ -1,0 +1,504 @@
+//! The probe program: a position-independent x86-64 routine that runs at
+//! CPL3 in the probe VM, and the parameter block it reads.
+//!
+//! The VMM copies the bytes between `pmemvm_probe_start` and
+//! `pmemvm_probe_end` into guest memory and starts the vCPU there with RDI
+//! pointing at the parameter block. The routine walks a list of steps:
+//! - read or write: touch `count` pages of the pmem region, one 8-byte
+//!   access per page, timing each access with
+//!   `lfence; rdtsc; lfence; access; rdtscp; lfence` and storing the tick
+//!   delta (u64) in the step's results array;
+//! - flush: send a real virtio-pmem FLUSH request (publish descriptor 0 in
+//!   the avail ring, write the queue index to QueueNotify, spin on the used
+//!   index) and store the ticks from request to completion.
+//!
+//! After each step it writes the number of steps done to the control
+//! page's [`CONTROL_STEP`] register, an MMIO exit where the VMM samples its
+//! counters; at the end it writes the status to [`CONTROL_EXIT`] (0 =
+//! success, see [`ProbeExitCode`]). It uses no stack, no interrupts and no
+//! guest kernel.
+//!
+//! Why MMIO and not `out` to the exit port: on nested shadow-paging KVM
+//! (kvm_pvm) `out` at CPL3 raises #GP even with RFLAGS.IOPL = 3, and with
+//! no IDT that is a triple fault. A store to an unbacked guest-physical
+//! page through a 4 KiB mapping exits to the VMM everywhere.
+//!
+//! Page order: the page of access `i` is `first_page + stride * p(i)`,
+//! where `p` is the identity (sequential, stride) or the full-period LCG
+//! `x = (A * x + C) mod 2^k` restricted to `x < span` (random), which
+//! visits every page of the window exactly once.
+
+use std::arch::global_asm;
+
+/// Offsets in the probe's control page (an MMIO page no device claims).
+/// The probe writes the number of steps done here after every step...
+pub const CONTROL_STEP: u64 = 0;
+/// ...and its exit status here at the end.
+pub const CONTROL_EXIT: u64 = 8;
+pub const PROBE_MAGIC: u64 = 0x6562_6f72_706d_6d70; // "pmmprobe"
+
+/// Multiplier and increment of the probe's LCG (Knuth's MMIX); A = 1 mod 4
+/// and odd C give a full period modulo every power of two.
+pub const LCG_A: u64 = 6_364_136_223_846_793_005;
+pub const LCG_C: u64 = 1_442_695_040_888_963_407;
+
+// Parameter header, at the start of the parameter pages.
+pub const HDR_MAGIC: usize = 0;
+pub const HDR_REGION: usize = 8;
+pub const HDR_MMIO: usize = 16;
+pub const HDR_AVAIL: usize = 24;
+pub const HDR_USED: usize = 32;
+pub const HDR_RESPONSE: usize = 40;
+pub const HDR_QUEUE_MASK: usize = 48;
+pub const HDR_STEPS_DONE: usize = 56;
+pub const HDR_CONTROL: usize = 64;
+/// Where the step list starts, from the start of the parameter pages.
+pub const STEPS_OFFSET: usize = 0x100;
+
+// One step, STEP_SIZE bytes.
+pub const STEP_OP: usize = 0;
+pub const STEP_ORDER: usize = 4;
+pub const STEP_COUNT: usize = 8;
+pub const STEP_FIRST_PAGE: usize = 16;
+pub const STEP_STRIDE: usize = 24;
+pub const STEP_SPAN: usize = 32;
+pub const STEP_SEED: usize = 40;
+pub const STEP_RESULTS: usize = 48;
+pub const STEP_MASK: usize = 56;
+pub const STEP_SIZE: usize = 64;
+
+pub const OP_END: u32 = 0;
+pub const OP_READ: u32 = 1;
+pub const OP_WRITE: u32 = 2;
+pub const OP_FLUSH: u32 = 3;
+pub const ORDER_STRIDE: u32 = 0;
+pub const ORDER_RANDOM: u32 = 1;
+
+/// virtio-mmio QueueNotify, from the device's MMIO base.
+const QUEUE_NOTIFY: usize = devices::virtio::mmio::NOTIFY_OFFSET as usize;
+
+/// The status the probe reports at [`CONTROL_EXIT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeExitCode {
+    Done,
+    UnknownOp,
+    FlushFailed,
+    Other(u8),
+}
+
+impl From<u8> for ProbeExitCode {
+    fn from(v: u8) -> Self {
+        match v {
+            0 => Self::Done,
+            1 => Self::UnknownOp,
+            2 => Self::FlushFailed,
+            v => Self::Other(v),
+        }
+    }
+}
+
+// Register use: rdi = parameter header, r15 = current step, r8 = window
+// base address, r9 = stride in bytes, r10 = i, r11 = count, r12 = results,
+// r13 = LCG state (flush: the avail index), rbx = LCG mask, rbp = span,
+// r14 = start timestamp, rsi = address; rax, rcx, rdx are scratch
+// (rdtscp writes all three).
+global_asm!(
+    ".pushsection .text.pmemvm_probe,\"ax\",@progbits",
+    ".balign 16",
+    ".globl pmemvm_probe_start",
+    "pmemvm_probe_start:",
+    "    lea r15, [rdi + {steps}]",
+    ".Lprobe_next_step:",
+    "    mov eax, dword ptr [r15 + {op}]",
+    "    cmp eax, {op_end}",
+    "    je .Lprobe_finish",
+    "    cmp eax, {op_read}",
+    "    je .Lprobe_read",
+    "    cmp eax, {op_write}",
+    "    je .Lprobe_write",
+    "    cmp eax, {op_flush}",
+    "    je .Lprobe_flush",
+    "    mov eax, 1",
+    "    jmp .Lprobe_exit",
+    // Both access loops share this shape; only the access differs.
+    ".macro PROBE_ACCESS_LOOP kind",
+    ".Lprobe_\\kind:",
+    "    mov r8, qword ptr [r15 + {first_page}]",
+    "    shl r8, 12",
+    "    add r8, qword ptr [rdi + {region}]",
+    "    mov r9, qword ptr [r15 + {stride}]",
+    "    shl r9, 12",
+    "    xor r10d, r10d",
+    "    mov r11, qword ptr [r15 + {count}]",
+    "    mov r12, qword ptr [r15 + {results}]",
+    "    mov rbp, qword ptr [r15 + {span}]",
+    "    mov rbx, qword ptr [r15 + {mask}]",
+    "    mov r13, qword ptr [r15 + {seed}]",
+    ".Lprobe_\\kind\\()_loop:",
+    "    cmp r10, r11",
+    "    jae .Lprobe_step_done",
+    "    mov rsi, r10",
+    "    cmp dword ptr [r15 + {order}], {order_random}",
+    "    jne .Lprobe_\\kind\\()_address",
+    ".Lprobe_\\kind\\()_lcg:",
+    "    movabs rax, {lcg_a}",
+    "    imul r13, rax",
+    "    movabs rax, {lcg_c}",
+    "    add r13, rax",
+    "    and r13, rbx",
+    "    cmp r13, rbp",
+    "    jae .Lprobe_\\kind\\()_lcg",
+    "    mov rsi, r13",
+    ".Lprobe_\\kind\\()_address:",
+    "    imul rsi, r9",
+    "    add rsi, r8",
+    "    lfence",
+    "    rdtsc",
+    "    shl rdx, 32",
+    "    or rax, rdx",
+    "    mov r14, rax",
+    "    lfence",
+    ".ifc \\kind,read",
+    "    mov rax, qword ptr [rsi]",
+    ".else",
+    "    mov qword ptr [rsi], r14",
+    ".endif",
+    "    rdtscp",
+    "    lfence",
+    "    shl rdx, 32",
+    "    or rax, rdx",
+    "    sub rax, r14",
+    "    mov qword ptr [r12 + r10 * 8], rax",
+    "    inc r10",
+    "    jmp .Lprobe_\\kind\\()_loop",
+    ".endm",
+    "PROBE_ACCESS_LOOP read",
+    "PROBE_ACCESS_LOOP write",
+    ".Lprobe_flush:",
+    "    xor r10d, r10d",
+    "    mov r11, qword ptr [r15 + {count}]",
+    "    mov r12, qword ptr [r15 + {results}]",
+    ".Lprobe_flush_loop:",
+    "    cmp r10, r11",
+    "    jae .Lprobe_step_done",
+    // ret = ~0, so a completion that wrote nothing is seen as a failure.
+    "    mov rsi, qword ptr [rdi + {response}]",
+    "    mov dword ptr [rsi], 0xffffffff",
+    // avail.ring[idx % size] = descriptor 0 (the request chain 0 -> 1).
+    "    mov rsi, qword ptr [rdi + {avail}]",
+    "    movzx r13d, word ptr [rsi + 2]",
+    "    mov rcx, r13",
+    "    and rcx, qword ptr [rdi + {queue_mask}]",
+    "    mov word ptr [rsi + 4 + rcx * 2], 0",
+    "    inc r13d",
+    "    movzx r13d, r13w",
+    "    mov rbx, qword ptr [rdi + {used}]",
+    "    mov rbp, qword ptr [rdi + {mmio}]",
+    "    lfence",
+    "    rdtsc",
+    "    shl rdx, 32",
+    "    or rax, rdx",
+    "    mov r14, rax",
+    "    lfence",
+    // Publish, then notify queue 0: an ioeventfd, no exit to the VMM.
+    "    mov word ptr [rsi + 2], r13w",
+    "    mfence",
+    "    mov dword ptr [rbp + {queue_notify}], 0",
+    ".Lprobe_flush_spin:",
+    "    pause",
+    "    cmp word ptr [rbx + 2], r13w",
+    "    jne .Lprobe_flush_spin",
+    "    rdtscp",
+    "    lfence",
+    "    shl rdx, 32",
+    "    or rax, rdx",
+    "    sub rax, r14",
+    "    mov qword ptr [r12 + r10 * 8], rax",
+    "    mov rsi, qword ptr [rdi + {response}]",
+    "    cmp dword ptr [rsi], 0",
+    "    jne .Lprobe_flush_failed",
+    "    inc r10",
+    "    jmp .Lprobe_flush_loop",
+    ".Lprobe_flush_failed:",
+    "    mov eax, 2",
+    "    jmp .Lprobe_exit",
+    ".Lprobe_step_done:",
+    "    mov rax, qword ptr [rdi + {steps_done}]",
+    "    inc rax",
+    "    mov qword ptr [rdi + {steps_done}], rax",
+    "    mov rdx, qword ptr [rdi + {control}]",
+    "    mov qword ptr [rdx + {control_step}], rax",
+    "    add r15, {step_size}",
+    "    jmp .Lprobe_next_step",
+    ".Lprobe_finish:",
+    "    xor eax, eax",
+    ".Lprobe_exit:",
+    "    mov rdx, qword ptr [rdi + {control}]",
+    "    mov qword ptr [rdx + {control_exit}], rax",
+    ".Lprobe_hang:",
+    "    pause",
+    "    jmp .Lprobe_hang",
+    ".globl pmemvm_probe_end",
+    "pmemvm_probe_end:",
+    ".popsection",
+    steps = const STEPS_OFFSET,
+    op = const STEP_OP,
+    order = const STEP_ORDER,
+    count = const STEP_COUNT,
+    first_page = const STEP_FIRST_PAGE,
+    stride = const STEP_STRIDE,
+    span = const STEP_SPAN,
+    seed = const STEP_SEED,
+    results = const STEP_RESULTS,
+    mask = const STEP_MASK,
+    step_size = const STEP_SIZE,
+    region = const HDR_REGION,
+    mmio = const HDR_MMIO,
+    avail = const HDR_AVAIL,
+    used = const HDR_USED,
+    response = const HDR_RESPONSE,
+    queue_mask = const HDR_QUEUE_MASK,
+    steps_done = const HDR_STEPS_DONE,
+    queue_notify = const QUEUE_NOTIFY,
+    op_end = const OP_END,
+    op_read = const OP_READ,
+    op_write = const OP_WRITE,
+    op_flush = const OP_FLUSH,
+    order_random = const ORDER_RANDOM,
+    lcg_a = const LCG_A,
+    lcg_c = const LCG_C,
+    control = const HDR_CONTROL,
+    control_step = const CONTROL_STEP,
+    control_exit = const CONTROL_EXIT,
+);
+
+extern "C" {
+    static pmemvm_probe_start: u8;
+    static pmemvm_probe_end: u8;
+}
+
+/// The probe routine's machine code.
+pub fn probe_code() -> &'static [u8] {
+    // SAFETY: both symbols are labels in the one global_asm! block above,
+    // start before end, in a section of the binary that is mapped readable
+    // (and never written) for the whole life of the process; only their
+    // addresses are taken here.
+    unsafe {
+        let start = std::ptr::addr_of!(pmemvm_probe_start);
+        let end = std::ptr::addr_of!(pmemvm_probe_end);
+        std::slice::from_raw_parts(start, end as usize - start as usize)
+    }
+}
+
+/// The order in which a step visits the pages of its window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum PageOrder {
+    /// Pages `first, first + stride, first + 2 * stride, ...`.
+    Stride { stride: u64 },
+    /// Every page of the window once, in LCG order from `seed`, each
+    /// `stride` pages apart.
+    Random { stride: u64, seed: u64 },
+}
+
+impl PageOrder {
+    pub fn stride(self) -> u64 {
+        match self {
+            Self::Stride { stride } | Self::Random { stride, .. } => stride,
+        }
+    }
+}
+
+/// What one step does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepOp {
+    Read,
+    Write,
+    Flush,
+}
+
+/// One step of the probe program, as the VMM describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepSpec {
+    pub op: StepOp,
+    /// Pages touched, or flush requests sent.
+    pub count: u64,
+    /// First page of the window, from the start of the pmem region.
+    pub first_page: u64,
+    pub order: PageOrder,
+}
+
+impl StepSpec {
+    /// Pages of the region the step's window spans.
+    pub fn window_pages(&self) -> u64 {
+        match self.op {
+            StepOp::Flush => 0,
+            _ => self.count * self.order.stride(),
+        }
+    }
+
+    /// The step as the probe reads it; `results` is the guest address of
+    /// its `count` u64 samples.
+    pub fn encode(&self, results: u64) -> [u8; STEP_SIZE] {
+        let mut raw = [0u8; STEP_SIZE];
+        let (op, order, stride, seed) = match (self.op, self.order) {
+            (StepOp::Flush, _) => (OP_FLUSH, ORDER_STRIDE, 1, 0),
+            (op, PageOrder::Stride { stride }) => (op_code(op), ORDER_STRIDE, stride, 0),
+            (op, PageOrder::Random { stride, seed }) => (op_code(op), ORDER_RANDOM, stride, seed),
+        };
+        let span = self.count;
+        let mask = span.max(1).next_power_of_two() - 1;
+        let put32 = |raw: &mut [u8; STEP_SIZE], at: usize, v: u32| {
+            raw[at..at + 4].copy_from_slice(&v.to_le_bytes())
+        };
+        let put64 = |raw: &mut [u8; STEP_SIZE], at: usize, v: u64| {
+            raw[at..at + 8].copy_from_slice(&v.to_le_bytes())
+        };
+        put32(&mut raw, STEP_OP, op);
+        put32(&mut raw, STEP_ORDER, order);
+        put64(&mut raw, STEP_COUNT, self.count);
+        put64(&mut raw, STEP_FIRST_PAGE, self.first_page);
+        put64(&mut raw, STEP_STRIDE, stride);
+        put64(&mut raw, STEP_SPAN, span);
+        put64(&mut raw, STEP_SEED, seed & mask);
+        put64(&mut raw, STEP_RESULTS, results);
+        put64(&mut raw, STEP_MASK, mask);
+        raw
+    }
+
+    /// The region pages the probe touches, in order: what the guest code
+    /// computes, for tests and for host-side baselines.
+    pub fn pages(&self) -> Vec<u64> {
+        match self.order {
+            PageOrder::Stride { stride } => (0..self.count)
+                .map(|i| self.first_page + i * stride)
+                .collect(),
+            PageOrder::Random { stride, seed } => {
+                let mask = self.count.max(1).next_power_of_two() - 1;
+                let mut x = seed & mask;
+                let mut out = Vec::with_capacity(self.count as usize);
+                while (out.len() as u64) < self.count {
+                    x = x.wrapping_mul(LCG_A).wrapping_add(LCG_C) & mask;
+                    if x < self.count {
+                        out.push(self.first_page + x * stride);
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+fn op_code(op: StepOp) -> u32 {
+    match op {
+        StepOp::Read => OP_READ,
+        StepOp::Write => OP_WRITE,
+        StepOp::Flush => OP_FLUSH,
+    }
+}
+
+/// The parameter header the probe reads; guest addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeHeader {
+    pub region: u64,
+    pub mmio: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub response: u64,
+    pub queue_size: u16,
+    pub control: u64,
+}
+
+impl ProbeHeader {
+    pub fn encode(&self) -> [u8; STEPS_OFFSET] {
+        let mut raw = [0u8; STEPS_OFFSET];
+        for (at, v) in [
+            (HDR_MAGIC, PROBE_MAGIC),
+            (HDR_REGION, self.region),
+            (HDR_MMIO, self.mmio),
+            (HDR_AVAIL, self.avail),
+            (HDR_USED, self.used),
+            (HDR_RESPONSE, self.response),
+            (HDR_QUEUE_MASK, u64::from(self.queue_size) - 1),
+            (HDR_STEPS_DONE, 0),
+            (HDR_CONTROL, self.control),
+        ] {
+            raw[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        raw
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_is_small_and_ends_in_the_hang_loop() {
+        let code = probe_code();
+        assert!(code.len() > 64 && code.len() < 4096, "{}", code.len());
+        // pause (f3 90) then a short jmp back to it (eb fc).
+        assert_eq!(&code[code.len() - 4..], &[0xf3, 0x90, 0xeb, 0xfc]);
+    }
+
+    #[test]
+    fn random_order_visits_every_page_once() {
+        for count in [1u64, 5, 64, 100, 4096] {
+            let step = StepSpec {
+                op: StepOp::Read,
+                count,
+                first_page: 10,
+                order: PageOrder::Random {
+                    stride: 3,
+                    seed: 42,
+                },
+            };
+            let mut pages = step.pages();
+            if count > 5 {
+                assert_ne!(pages, (0..count).map(|i| 10 + 3 * i).collect::<Vec<_>>());
+            }
+            pages.sort_unstable();
+            assert_eq!(pages, (0..count).map(|i| 10 + 3 * i).collect::<Vec<_>>());
+            assert_eq!(step.window_pages(), 3 * count);
+        }
+    }
+
+    #[test]
+    fn steps_encode_at_the_offsets_the_probe_reads() {
+        let step = StepSpec {
+            op: StepOp::Write,
+            count: 100,
+            first_page: 7,
+            order: PageOrder::Random {
+                stride: 2,
+                seed: 0x1234,
+            },
+        };
+        let raw = step.encode(0x40_0000);
+        let get = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().unwrap());
+        assert_eq!(raw[STEP_OP], OP_WRITE as u8);
+        assert_eq!(raw[STEP_ORDER], ORDER_RANDOM as u8);
+        assert_eq!(get(STEP_COUNT), 100);
+        assert_eq!(get(STEP_FIRST_PAGE), 7);
+        assert_eq!(get(STEP_STRIDE), 2);
+        assert_eq!(get(STEP_SPAN), 100);
+        assert_eq!(get(STEP_MASK), 127);
+        assert_eq!(get(STEP_SEED), 0x34);
+        assert_eq!(get(STEP_RESULTS), 0x40_0000);
+        let h = ProbeHeader {
+            region: 1 << 32,
+            mmio: 0xd000_0000,
+            avail: 1,
+            used: 2,
+            response: 3,
+            queue_size: 16,
+            control: 4,
+        }
+        .encode();
+        assert_eq!(
+            u64::from_le_bytes(h[HDR_QUEUE_MASK..HDR_QUEUE_MASK + 8].try_into().unwrap()),
+            15
+        );
+    }
+}

@@ -1,0 +1,289 @@
+//! Probe VM tests. They need /dev/kvm and fail (loudly) without it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use devices::virtio::pmem::{FaultEngineKind, DEFAULT_POPULATE};
+
+use super::backing::{BackingKind, ScratchDir};
+use super::bench::{self, FaultBenchConfig, FaultOp, FlushBenchConfig, FlushLayout, PagePattern};
+use super::guest::{PageOrder, StepOp, StepSpec};
+use super::vm::{ProbeRun, ProbeVm, ProbeVmConfig};
+use super::ProbeError;
+
+const ENGINES: [FaultEngineKind; 3] = [
+    FaultEngineKind::Kernel,
+    FaultEngineKind::Uffd,
+    FaultEngineKind::Prefault,
+];
+
+fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm (KVM): load kvm_intel/kvm_amd or run them on a KVM host"
+    );
+}
+
+fn run(
+    dir: &mut ScratchDir,
+    engine: FaultEngineKind,
+    region_pages: u64,
+    steps: &[StepSpec],
+) -> Result<ProbeRun, ProbeError> {
+    require_kvm();
+    let backing = dir
+        .create_file(region_pages.div_ceil(512) * 512 * 4096)
+        .unwrap();
+    let config = ProbeVmConfig {
+        engine,
+        populate: DEFAULT_POPULATE,
+        backing,
+        region_pages,
+        timeout: Duration::from_secs(20),
+    };
+    ProbeVm::new(&config, steps)?.run()
+}
+
+fn step(op: StepOp, count: u64, first_page: u64, order: PageOrder) -> StepSpec {
+    StepSpec {
+        op,
+        count,
+        first_page,
+        order,
+    }
+}
+
+fn flush() -> StepSpec {
+    step(StepOp::Flush, 1, 0, PageOrder::Stride { stride: 1 })
+}
+
+#[test]
+fn every_available_engine_returns_one_sample_per_page() {
+    let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
+    let seq = PageOrder::Stride { stride: 1 };
+    let random = PageOrder::Random { stride: 1, seed: 7 };
+    let steps = [
+        step(StepOp::Read, 64, 0, seq),
+        step(StepOp::Write, 64, 0, seq),
+        step(StepOp::Write, 64, 64, random),
+        step(StepOp::Read, 64, 64, random),
+        flush(),
+    ];
+    let mut ran = 0;
+    for engine in ENGINES {
+        let run = match run(&mut dir, engine, 512, &steps) {
+            Err(ProbeError::EngineUnavailable(name)) => {
+                eprintln!("engine {name} not available here: not tested");
+                continue;
+            }
+            r => r.unwrap_or_else(|e| panic!("engine {}: {e}", engine.name())),
+        };
+        ran += 1;
+        assert_eq!(run.steps.len(), steps.len());
+        for (result, spec) in run.steps.iter().zip(&steps) {
+            assert_eq!(result.ticks.len() as u64, spec.count, "{spec:?}");
+            assert!(result.ticks.iter().all(|&t| t > 0), "{:?}", result.ticks);
+        }
+        assert!(run.tsc_khz > 0);
+        assert!(run.steps[0].vcpu_stats.contains_key("exits"));
+        // The flush wrote back exactly the 128 written pages.
+        let last = run.steps.last().unwrap();
+        assert_eq!(last.device.writebacks, 1, "engine {}", engine.name());
+        assert_eq!(
+            last.engine.flush.last_pages,
+            128,
+            "engine {}",
+            engine.name()
+        );
+    }
+    assert!(ran >= 2, "kernel and prefault are always available");
+}
+
+#[test]
+fn random_writes_touch_every_page_of_the_window() {
+    let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
+    require_kvm();
+    let backing = dir.create_file(2 << 20).unwrap();
+    let config = ProbeVmConfig {
+        engine: FaultEngineKind::Kernel,
+        populate: DEFAULT_POPULATE,
+        backing: backing.clone(),
+        region_pages: 512,
+        timeout: Duration::from_secs(20),
+    };
+    let write = step(
+        StepOp::Write,
+        100,
+        3,
+        PageOrder::Random {
+            stride: 2,
+            seed: 99,
+        },
+    );
+    ProbeVm::new(&config, &[write]).unwrap().run().unwrap();
+    let data = std::fs::read(&backing).unwrap();
+    let written = |p: usize| data[p * 4096..p * 4096 + 8] != [0u8; 8];
+    let mut touched: Vec<usize> = (0..512).filter(|&p| written(p)).collect();
+    touched.sort_unstable();
+    let expected: Vec<usize> = (0..100).map(|i| 3 + 2 * i).collect();
+    assert_eq!(touched, expected);
+}
+
+#[test]
+fn a_flush_writes_back_exactly_the_dirty_pages_once() {
+    let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
+    let steps = [
+        step(StepOp::Write, 5, 10, PageOrder::Stride { stride: 7 }),
+        flush(),
+        flush(),
+    ];
+    let run = run(&mut dir, FaultEngineKind::Kernel, 512, &steps).unwrap();
+    let first = &run.steps[1];
+    assert_eq!(first.device.flush_requests, 1);
+    assert_eq!(first.device.writebacks, 1);
+    assert_eq!(first.engine.flush.last_pages, 5);
+    assert_eq!(first.engine.flush.pages, 5);
+    let second = &run.steps[2];
+    assert_eq!(second.device.writebacks, 2);
+    assert_eq!(second.engine.flush.last_pages, 0);
+    assert_eq!(second.engine.flush.pages, 5);
+    assert!(first.ticks[0] > 0 && second.ticks[0] > 0);
+}
+
+#[test]
+fn steps_outside_the_region_are_refused() {
+    let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
+    let steps = [step(StepOp::Read, 10, 510, PageOrder::Stride { stride: 1 })];
+    assert!(matches!(
+        run(&mut dir, FaultEngineKind::Kernel, 512, &steps),
+        Err(ProbeError::StepOutsideRegion { .. })
+    ));
+}
+
+fn keys(v: &serde_json::Value) -> Vec<&str> {
+    let mut k: Vec<&str> = v
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    k.sort_unstable();
+    k
+}
+
+#[test]
+fn fault_bench_json_has_the_expected_shape() {
+    require_kvm();
+    let config = FaultBenchConfig {
+        engines: vec![FaultEngineKind::Kernel, FaultEngineKind::Prefault],
+        ops: FaultOp::ALL.to_vec(),
+        pattern: PagePattern::Random,
+        pages: 16,
+        backing: BackingKind::Sparse,
+        repeat: 2,
+        ..Default::default()
+    };
+    let report = bench::run_faults(&config).unwrap();
+    let dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
+    let path = dir.path().join("faults.json");
+    report.write_json(&path).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(
+        keys(&v),
+        [
+            "bench",
+            "config",
+            "host",
+            "runs",
+            "skipped_engines",
+            "summary"
+        ]
+    );
+    assert_eq!(v["bench"], "faults");
+    assert_eq!(v["config"]["pages"], 16);
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4, "2 engines x 2 repeats");
+    for run in runs {
+        assert!(run["tsc_khz"].as_u64().unwrap() > 0);
+        for step in run["steps"].as_array().unwrap() {
+            let count = step["count"].as_u64().unwrap();
+            assert_eq!(step["ticks"].as_array().unwrap().len() as u64, count);
+            assert!(step["kvm_vcpu"].is_object() && step["kvm_vm"].is_object());
+            assert!(step["engine_after"]["flush"]["pages"].is_u64());
+        }
+    }
+    let summary = v["summary"].as_array().unwrap();
+    // Per engine: first read, first write, mkwrite, warm read, warm write,
+    // re-dirty after flush, flush.
+    assert_eq!(summary.len(), 2 * 7);
+    for row in summary {
+        for key in [
+            "engine",
+            "event",
+            "samples",
+            "p50_ns",
+            "p99_ns",
+            "mean_ns",
+            "per_second",
+        ] {
+            assert!(!row[key].is_null(), "{key} missing in {row}");
+        }
+        assert!(row["kvm_per_sample"].is_object());
+    }
+    let first_reads = summary.iter().find(|r| r["event"] == "first_read").unwrap();
+    assert_eq!(
+        first_reads["samples"],
+        2 * 2 * 16,
+        "2 ops x 2 repeats x 16 pages"
+    );
+    assert!(report.table().contains("mkwrite (write after read)"));
+}
+
+#[test]
+fn flush_bench_json_has_the_expected_shape() {
+    require_kvm();
+    let config = FlushBenchConfig {
+        engines: vec![FaultEngineKind::Kernel],
+        dirty: vec![0, 3],
+        layout: FlushLayout::Scattered,
+        backing: BackingKind::Sparse,
+        repeat: 2,
+        ..Default::default()
+    };
+    let report = bench::run_flush(&config).unwrap();
+    let dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
+    let path = dir.path().join("flush.json");
+    report.write_json(&path).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(
+        keys(&v),
+        [
+            "bench",
+            "config",
+            "host",
+            "host_syncs",
+            "probe_runs",
+            "skipped_engines",
+            "summary"
+        ]
+    );
+    assert_eq!(v["bench"], "flush");
+    let summary = v["summary"].as_array().unwrap();
+    // Per dirty count: the probe engine and three host methods.
+    assert_eq!(summary.len(), 2 * 4);
+    for row in summary {
+        for key in ["case", "dirty", "samples", "p50_ns", "p99_ns", "mean_ns"] {
+            assert!(!row[key].is_null(), "{key} missing in {row}");
+        }
+        assert_eq!(row["samples"], 2);
+    }
+    let probe3 = summary
+        .iter()
+        .find(|r| r["case"] == "probe kernel" && r["dirty"] == 3)
+        .unwrap();
+    assert_eq!(probe3["writeback_pages"], 3);
+    // A warm-up round plus two measured, three methods, two dirty counts.
+    assert_eq!(v["host_syncs"].as_array().unwrap().len(), 3 * 3 * 2);
+    assert_eq!(v["probe_runs"].as_array().unwrap().len(), 1);
+    assert!(report.table().contains("msync"));
+}

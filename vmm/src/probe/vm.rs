@@ -1,0 +1,670 @@
+//! The probe VM: a small KVM guest with one vCPU, no kernel, and one
+//! virtio-pmem device attached with [`crate::pmem::attach`]. The VMM lays
+//! out page tables, the probe code, its parameters and a virtqueue, drives
+//! the device's virtio-mmio registers itself (as a driver would) so that
+//! the device is live before the vCPU starts, and starts the vCPU at CPL3
+//! in 64-bit mode.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devices::bus::Bus;
+use devices::virtio::features::VIRTIO_F_VERSION_1;
+use devices::virtio::pmem::{FaultEngineKind, PmemConfig, PmemStats};
+use devices::virtio::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::guest::{
+    probe_code, ProbeExitCode, ProbeHeader, StepSpec, CONTROL_EXIT, CONTROL_STEP, HDR_STEPS_DONE,
+    STEPS_OFFSET, STEP_SIZE,
+};
+use super::kvm_stats::{self, KvmStats};
+use super::paging::*;
+use super::ProbeError;
+use crate::fault::FaultStats;
+use crate::layout::{self, MMIO_GAP_START};
+use crate::pmem::{self, AttachError, DeviceEventLoop, PmemSet};
+use crate::vm::{create_guest_memory, open_kvm};
+
+/// Where KVM puts its real-mode TSS pages (as the main VM does).
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+/// Entries of the probe's request queue.
+pub const PROBE_QUEUE_SIZE: u16 = 16;
+const VRING_DESC_F_NEXT: u16 = 1;
+const VRING_DESC_F_WRITE: u16 = 2;
+/// avail.flags: the probe polls the used ring, no interrupt wanted.
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// The most steps the parameter pages hold (one slot stays the end mark).
+pub const MAX_STEPS: usize = (PARAMS_SIZE as usize - STEPS_OFFSET) / STEP_SIZE - 1;
+
+// virtio-mmio register offsets (virtio 1.2, 4.2.2).
+const MMIO_DEVICE_FEATURES: u64 = 0x010;
+const MMIO_DEVICE_FEATURES_SEL: u64 = 0x014;
+const MMIO_DRIVER_FEATURES: u64 = 0x020;
+const MMIO_DRIVER_FEATURES_SEL: u64 = 0x024;
+const MMIO_QUEUE_SEL: u64 = 0x030;
+const MMIO_QUEUE_NUM_MAX: u64 = 0x034;
+const MMIO_QUEUE_NUM: u64 = 0x038;
+const MMIO_QUEUE_READY: u64 = 0x044;
+const MMIO_STATUS: u64 = 0x070;
+const MMIO_QUEUE_DESC_LOW: u64 = 0x080;
+const MMIO_QUEUE_DRIVER_LOW: u64 = 0x090;
+const MMIO_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+
+/// What the probe VM is made of.
+#[derive(Debug, Clone)]
+pub struct ProbeVmConfig {
+    pub engine: FaultEngineKind,
+    /// Pages per fault for the uffd engine; ignored by the others.
+    pub populate: u16,
+    /// The backing file; created (or grown sparse) to the region's size.
+    pub backing: PathBuf,
+    /// Size of the pmem region in 4 KiB pages; rounded up to 2 MiB.
+    pub region_pages: u64,
+    /// How long the guest may run before it is stopped as hung.
+    pub timeout: Duration,
+}
+
+/// What the VMM saw at the end of one step.
+#[derive(Debug, Clone)]
+pub struct StepResult {
+    pub spec: StepSpec,
+    /// TSC ticks per access (or per flush request).
+    pub ticks: Vec<u64>,
+    /// KVM vCPU and VM statistic deltas over the step (including the one
+    /// MMIO exit that ends it).
+    pub vcpu_stats: BTreeMap<String, i64>,
+    pub vm_stats: BTreeMap<String, i64>,
+    /// The fault engine's and the device's counters after the step.
+    pub engine: FaultStats,
+    pub device: PmemStats,
+    /// Wall time of the step as the VMM saw it.
+    pub wall: Duration,
+}
+
+/// Everything a probe run produced.
+#[derive(Debug, Clone)]
+pub struct ProbeRun {
+    pub engine: FaultEngineKind,
+    /// The guest's TSC frequency, for converting ticks.
+    pub tsc_khz: u32,
+    pub steps: Vec<StepResult>,
+    /// KVM_RUN failed with EFAULT and was retried.
+    pub efault_retries: u64,
+    /// Exits because the dirty ring filled up.
+    pub dirty_ring_full_exits: u64,
+    /// From creating the VM to the vCPU's first entry.
+    pub setup: Duration,
+}
+
+impl ProbeRun {
+    pub fn ticks_to_ns(&self, ticks: u64) -> f64 {
+        ticks as f64 * 1e6 / f64::from(self.tsc_khz)
+    }
+}
+
+/// A probe VM ready to run its program.
+pub struct ProbeVm {
+    engine: FaultEngineKind,
+    vm: VmFd,
+    vcpu: VcpuFd,
+    mem: GuestMemoryMmap,
+    mmio: Bus,
+    pmem: PmemSet,
+    events: Option<DeviceEventLoop>,
+    steps: Vec<(StepSpec, u64)>,
+    vm_stats: KvmStats,
+    vcpu_stats: KvmStats,
+    tsc_khz: u32,
+    timeout: Duration,
+    created: Instant,
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> ProbeError {
+    move |source| ProbeError::Kvm { what, source }
+}
+
+fn guest_write(
+    what: &'static str,
+    addr: u64,
+) -> impl Fn(vm_memory::GuestMemoryError) -> ProbeError {
+    move |_| ProbeError::GuestMemory { what, addr }
+}
+
+/// Guest RAM needed for `samples` results: the fixed low area plus the
+/// results, in 2 MiB units, at least [`MIN_RAM`].
+pub fn ram_for_samples(samples: u64) -> u64 {
+    let need = RESULTS_GPA + samples * 8;
+    need.div_ceil(2 << 20).max(1) * (2 << 20)
+}
+
+impl ProbeVm {
+    /// Builds the VM for `steps`; nothing runs yet.
+    pub fn new(config: &ProbeVmConfig, steps: &[StepSpec]) -> Result<Self, ProbeError> {
+        let created = Instant::now();
+        if steps.len() > MAX_STEPS {
+            return Err(ProbeError::TooManySteps {
+                steps: steps.len(),
+                max: MAX_STEPS,
+            });
+        }
+        let region_pages = config.region_pages.max(1).div_ceil(512) * 512;
+        if let Some(s) = steps
+            .iter()
+            .find(|s| s.first_page + s.window_pages() > region_pages)
+        {
+            return Err(ProbeError::StepOutsideRegion {
+                first_page: s.first_page,
+                pages: s.window_pages(),
+                region_pages,
+            });
+        }
+        let samples: u64 = steps.iter().map(|s| s.count).sum();
+        let ram = ram_for_samples(samples).max(MIN_RAM);
+        if ram > MMIO_GAP_START {
+            return Err(ProbeError::TooManySamples(samples));
+        }
+
+        let kvm = open_kvm()?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDR)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let mem = create_guest_memory(&vm, ram)?;
+        let mut mmio = Bus::new();
+        let region_size = region_pages * PAGE;
+        let pmem_config = PmemConfig {
+            path: config.backing.clone(),
+            size: Some(region_size),
+            readonly: false,
+            discard_writes: false,
+            engine: config.engine,
+            populate: config.populate,
+        };
+        let pmem = pmem::attach(
+            &kvm,
+            &vm,
+            &mem,
+            &mut mmio,
+            ram,
+            mem.num_regions() as u32,
+            std::slice::from_ref(&pmem_config),
+        )
+        .map_err(|e| match e {
+            AttachError::Engine { engine, source, .. }
+                if source.raw_os_error() == Some(libc::ENOSYS) =>
+            {
+                ProbeError::EngineUnavailable(engine)
+            }
+            e => ProbeError::Attach(e),
+        })?;
+        let region_gpa = layout::pmem_regions(ram, &[region_size])[0];
+        let mmio_gpa = pmem.devices[0].spec().base;
+
+        // Page tables and the guest's view of memory.
+        write_descriptor_tables(&mem)?;
+        let mut tables = PageTableBuilder::new(&mem, PAGE_TABLES_GPA, PAGE_TABLES_END)?;
+        tables.identity_map(GDT_GPA, PAGE, PageAccess::Supervisor)?;
+        tables.identity_map(TSS_GPA, PAGE, PageAccess::Supervisor)?;
+        tables.identity_map(STACK_GPA, STACK_PAGES * PAGE, PageAccess::UserReadWrite)?;
+        tables.identity_map(PARAMS_GPA, PARAMS_SIZE, PageAccess::UserReadWrite)?;
+        tables.identity_map(QUEUE_GPA, QUEUE_PAGES * PAGE, PageAccess::UserReadWrite)?;
+        let code = probe_code();
+        if code.len() as u64 > CODE_MAX {
+            return Err(ProbeError::CodeTooLarge(code.len()));
+        }
+        tables.identity_map(CODE_GPA, code.len() as u64, PageAccess::UserReadExecute)?;
+        tables.identity_map(RESULTS_GPA, ram - RESULTS_GPA, PageAccess::UserReadWrite)?;
+        tables.map_page(mmio_gpa, mmio_gpa, PageAccess::UserMmio)?;
+        tables.map_page(CONTROL_GPA, CONTROL_GPA, PageAccess::UserMmio)?;
+        for page in 0..region_pages {
+            let a = region_gpa + page * PAGE;
+            tables.map_page(a, a, PageAccess::UserPmem)?;
+        }
+        mem.write_slice(code, GuestAddress(CODE_GPA))
+            .map_err(guest_write("probe code", CODE_GPA))?;
+
+        // The virtqueue: one request chain (type, then ret) used over and
+        // over as descriptor 0 -> 1.
+        write_descriptor(&mem, 0, QUEUE_REQUEST_GPA, 4, VRING_DESC_F_NEXT, 1)?;
+        write_descriptor(&mem, 1, QUEUE_RESPONSE_GPA, 4, VRING_DESC_F_WRITE, 0)?;
+        mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT, GuestAddress(QUEUE_AVAIL_GPA))
+            .map_err(guest_write("avail ring", QUEUE_AVAIL_GPA))?;
+        mem.write_obj(
+            devices::virtio::pmem::VIRTIO_PMEM_REQ_TYPE_FLUSH,
+            GuestAddress(QUEUE_REQUEST_GPA),
+        )
+        .map_err(guest_write("flush request", QUEUE_REQUEST_GPA))?;
+
+        // Parameters and the step list.
+        let header = ProbeHeader {
+            region: region_gpa,
+            mmio: mmio_gpa,
+            avail: QUEUE_AVAIL_GPA,
+            used: QUEUE_USED_GPA,
+            response: QUEUE_RESPONSE_GPA,
+            queue_size: PROBE_QUEUE_SIZE,
+            control: CONTROL_GPA,
+        };
+        mem.write_slice(&header.encode(), GuestAddress(PARAMS_GPA))
+            .map_err(guest_write("probe parameters", PARAMS_GPA))?;
+        let mut results = RESULTS_GPA;
+        let mut placed = Vec::with_capacity(steps.len());
+        for (i, step) in steps.iter().enumerate() {
+            let at = PARAMS_GPA + (STEPS_OFFSET + i * STEP_SIZE) as u64;
+            mem.write_slice(&step.encode(results), GuestAddress(at))
+                .map_err(guest_write("probe step", at))?;
+            placed.push((*step, results));
+            results += step.count * 8;
+        }
+        // Host-side first touch of the results, so the guest's stores there
+        // cost only KVM's own fault.
+        prefault_ram(&mem, RESULTS_GPA, results - RESULTS_GPA)?;
+
+        // The vCPU, at CPL3.
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let cpuid =
+            crate::cpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        // On hardware KVM, rdtscp is #UD unless the guest's CPUID has it.
+        vcpu.set_cpuid2(&crate::cpu::vcpu_cpuid(&cpuid, 0, 1))
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        if let Some(log) = &pmem.dirty_log {
+            log.add_vcpu(0, &vcpu).map_err(AttachError::from)?;
+        }
+        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        vcpu.set_sregs(&user_mode_sregs(sregs, tables.root()))
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&entry_regs(
+            CODE_GPA,
+            PARAMS_GPA,
+            STACK_GPA + STACK_PAGES * PAGE,
+        ))
+        .map_err(kvm_err("KVM_SET_REGS"))?;
+        let tsc_khz = match vcpu.get_tsc_khz() {
+            Ok(khz) if khz > 0 => khz,
+            _ => host_tsc_khz(),
+        };
+        let vm_stats = KvmStats::open_vm(&vm)?;
+        let vcpu_stats = KvmStats::open_vcpu(&vcpu)?;
+
+        activate_device(&mmio, mmio_gpa)?;
+        let events = DeviceEventLoop::start(&pmem.devices).map_err(ProbeError::EventLoop)?;
+        Ok(Self {
+            engine: config.engine,
+            vm,
+            vcpu,
+            mem,
+            mmio,
+            pmem,
+            events,
+            steps: placed,
+            vm_stats,
+            vcpu_stats,
+            tsc_khz,
+            timeout: config.timeout,
+            created,
+        })
+    }
+
+    /// The VM fd, e.g. to read more statistics.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Runs the probe to its end and collects every step's samples.
+    pub fn run(mut self) -> Result<ProbeRun, ProbeError> {
+        crate::vcpu::install_kick_handler().map_err(ProbeError::EventLoop)?;
+        let setup = self.created.elapsed();
+        let watchdog = Watchdog::start(self.timeout);
+        let result = self.run_loop(&watchdog);
+        drop(watchdog);
+        if let Some(events) = self.events.take() {
+            events.stop();
+        }
+        let (steps, efault_retries, dirty_ring_full_exits) = result?;
+        Ok(ProbeRun {
+            engine: self.engine,
+            tsc_khz: self.tsc_khz,
+            steps,
+            efault_retries,
+            dirty_ring_full_exits,
+            setup,
+        })
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, ProbeError> {
+        Ok(Snapshot {
+            vcpu: self.vcpu_stats.read()?,
+            vm: self.vm_stats.read()?,
+            at: Instant::now(),
+        })
+    }
+
+    fn run_loop(&mut self, watchdog: &Watchdog) -> Result<(Vec<StepResult>, u64, u64), ProbeError> {
+        let mut results = Vec::with_capacity(self.steps.len());
+        let mut last = self.snapshot()?;
+        let mut efault_retries = 0u64;
+        let mut ring_full = 0u64;
+        let mut backoff = Duration::from_micros(100);
+        loop {
+            if watchdog.fired() {
+                return Err(ProbeError::Timeout {
+                    timeout: self.timeout,
+                    steps_done: results.len(),
+                    state: self.describe_state(),
+                });
+            }
+            let exit = match self.vcpu.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) if e.errno() == libc::EFAULT => {
+                    efault_retries += 1;
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                    continue;
+                }
+                Err(e) => {
+                    return Err(ProbeError::Kvm {
+                        what: "KVM_RUN",
+                        source: e,
+                    })
+                }
+            };
+            backoff = Duration::from_micros(100);
+            match exit {
+                VcpuExit::MmioWrite(addr, _) if addr == CONTROL_GPA + CONTROL_STEP => {
+                    let now = self.snapshot()?;
+                    let index = results.len();
+                    let Some(&(spec, gpa)) = self.steps.get(index) else {
+                        return Err(ProbeError::ProtocolViolation(format!(
+                            "step {index} reported, but the program has {} steps",
+                            self.steps.len()
+                        )));
+                    };
+                    let ticks = read_u64s(&self.mem, gpa, spec.count)?;
+                    let stats = self.pmem.devices[0].stats();
+                    results.push(StepResult {
+                        spec,
+                        ticks,
+                        vcpu_stats: kvm_stats::delta(&last.vcpu, &now.vcpu),
+                        vm_stats: kvm_stats::delta(&last.vm, &now.vm),
+                        engine: stats.fault,
+                        device: stats.device,
+                        wall: now.at - last.at,
+                    });
+                    last = self.snapshot()?;
+                }
+                VcpuExit::MmioWrite(addr, data) if addr == CONTROL_GPA + CONTROL_EXIT => {
+                    let code = data.first().copied().unwrap_or(0xff);
+                    return match ProbeExitCode::from(code) {
+                        ProbeExitCode::Done if results.len() == self.steps.len() => {
+                            Ok((results, efault_retries, ring_full))
+                        }
+                        ProbeExitCode::Done => Err(ProbeError::ProtocolViolation(format!(
+                            "the probe ended after {} of {} steps",
+                            results.len(),
+                            self.steps.len()
+                        ))),
+                        code => Err(ProbeError::ProbeFailed {
+                            code,
+                            step: results.len(),
+                        }),
+                    };
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    if !self.mmio.read(addr, data) {
+                        return Err(ProbeError::ProtocolViolation(format!(
+                            "read of unmapped MMIO {addr:#x}"
+                        )));
+                    }
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    if !self.mmio.write(addr, data) {
+                        return Err(ProbeError::ProtocolViolation(format!(
+                            "write to unmapped MMIO {addr:#x}"
+                        )));
+                    }
+                }
+                VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
+                    ring_full += 1;
+                    if let Some(log) = &self.pmem.dirty_log {
+                        log.harvest().map_err(ProbeError::DirtyRing)?;
+                    }
+                }
+                VcpuExit::Shutdown => {
+                    return Err(ProbeError::TripleFault {
+                        steps_done: results.len(),
+                        state: self.describe_state(),
+                    })
+                }
+                other => {
+                    let what = format!("{other:?}");
+                    return Err(ProbeError::UnexpectedExit {
+                        exit: what,
+                        state: self.describe_state(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// RIP, RSP, CR2 and how far the probe got, for error reports.
+    fn describe_state(&mut self) -> String {
+        let done: u64 = self
+            .mem
+            .read_obj(GuestAddress(PARAMS_GPA + HDR_STEPS_DONE as u64))
+            .unwrap_or(u64::MAX);
+        let regs = self.vcpu.get_regs();
+        let sregs = self.vcpu.get_sregs();
+        match (regs, sregs) {
+            (Ok(r), Ok(s)) => format!(
+                "rip {:#x} (probe offset {:#x}) rsp {:#x} rsi {:#x} r10 {} cr2 {:#x} cs {:#x}, steps done {done}",
+                r.rip,
+                r.rip.wrapping_sub(CODE_GPA),
+                r.rsp,
+                r.rsi,
+                r.r10,
+                s.cr2,
+                s.cs.selector
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("registers unavailable ({e}), steps done {done}"),
+        }
+    }
+}
+
+impl Drop for ProbeVm {
+    fn drop(&mut self) {
+        if let Some(events) = self.events.take() {
+            events.stop();
+        }
+    }
+}
+
+struct Snapshot {
+    vcpu: BTreeMap<String, u64>,
+    vm: BTreeMap<String, u64>,
+    at: Instant,
+}
+
+fn write_descriptor(
+    mem: &GuestMemoryMmap,
+    index: u16,
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+) -> Result<(), ProbeError> {
+    let at = QUEUE_DESC_GPA + 16 * u64::from(index);
+    let mut raw = [0u8; 16];
+    raw[..8].copy_from_slice(&addr.to_le_bytes());
+    raw[8..12].copy_from_slice(&len.to_le_bytes());
+    raw[12..14].copy_from_slice(&flags.to_le_bytes());
+    raw[14..].copy_from_slice(&next.to_le_bytes());
+    mem.write_slice(&raw, GuestAddress(at))
+        .map_err(guest_write("virtqueue descriptor", at))
+}
+
+fn prefault_ram(mem: &GuestMemoryMmap, start: u64, len: u64) -> Result<(), ProbeError> {
+    let zeros = [0u8; PAGE as usize];
+    for page in (start..start + len).step_by(PAGE as usize) {
+        mem.write_slice(&zeros, GuestAddress(page))
+            .map_err(guest_write("results", page))?;
+    }
+    Ok(())
+}
+
+fn read_u64s(mem: &GuestMemoryMmap, gpa: u64, count: u64) -> Result<Vec<u64>, ProbeError> {
+    let mut raw = vec![0u8; count as usize * 8];
+    mem.read_slice(&mut raw, GuestAddress(gpa))
+        .map_err(guest_write("results", gpa))?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| {
+            let mut v = [0u8; 8];
+            v.copy_from_slice(c);
+            u64::from_le_bytes(v)
+        })
+        .collect())
+}
+
+/// Drives the device's virtio-mmio registers the way a driver does at
+/// probe time (virtio 1.2, 3.1.1), with the probe's queue in guest RAM.
+fn activate_device(mmio: &Bus, base: u64) -> Result<(), ProbeError> {
+    let write = |offset: u64, v: u32| {
+        if mmio.write(base + offset, &v.to_le_bytes()) {
+            Ok(())
+        } else {
+            Err(ProbeError::Activation(format!(
+                "no device at {:#x}",
+                base + offset
+            )))
+        }
+    };
+    let read = |offset: u64| {
+        let mut d = [0u8; 4];
+        mmio.read(base + offset, &mut d);
+        u32::from_le_bytes(d)
+    };
+    write(MMIO_STATUS, 0)?;
+    write(MMIO_STATUS, ACKNOWLEDGE)?;
+    write(MMIO_STATUS, ACKNOWLEDGE | DRIVER)?;
+    write(MMIO_DEVICE_FEATURES_SEL, 1)?;
+    let high = read(MMIO_DEVICE_FEATURES);
+    let version_1 = 1u32 << (VIRTIO_F_VERSION_1 - 32);
+    if high & version_1 == 0 {
+        return Err(ProbeError::Activation(
+            "the device does not offer VIRTIO_F_VERSION_1".into(),
+        ));
+    }
+    write(MMIO_DRIVER_FEATURES_SEL, 1)?;
+    write(MMIO_DRIVER_FEATURES, version_1)?;
+    write(MMIO_DRIVER_FEATURES_SEL, 0)?;
+    write(MMIO_DRIVER_FEATURES, 0)?;
+    write(MMIO_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK)?;
+    if read(MMIO_STATUS) & FEATURES_OK == 0 {
+        return Err(ProbeError::Activation("FEATURES_OK refused".into()));
+    }
+    write(MMIO_QUEUE_SEL, 0)?;
+    let max = read(MMIO_QUEUE_NUM_MAX);
+    if max < u32::from(PROBE_QUEUE_SIZE) {
+        return Err(ProbeError::Activation(format!(
+            "queue 0 holds {max} entries, the probe needs {PROBE_QUEUE_SIZE}"
+        )));
+    }
+    write(MMIO_QUEUE_NUM, u32::from(PROBE_QUEUE_SIZE))?;
+    for (low, addr) in [
+        (MMIO_QUEUE_DESC_LOW, QUEUE_DESC_GPA),
+        (MMIO_QUEUE_DRIVER_LOW, QUEUE_AVAIL_GPA),
+        (MMIO_QUEUE_DEVICE_LOW, QUEUE_USED_GPA),
+    ] {
+        write(low, addr as u32)?;
+        write(low + 4, (addr >> 32) as u32)?;
+    }
+    write(MMIO_QUEUE_READY, 1)?;
+    write(MMIO_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)?;
+    let status = read(MMIO_STATUS);
+    if status & DEVICE_NEEDS_RESET != 0 || status & DRIVER_OK == 0 {
+        return Err(ProbeError::Activation(format!(
+            "the device did not start (status {status:#x})"
+        )));
+    }
+    Ok(())
+}
+
+/// The host TSC frequency, measured against CLOCK_MONOTONIC over 20 ms;
+/// used when KVM_GET_TSC_KHZ is unavailable.
+pub fn host_tsc_khz() -> u32 {
+    let read_tsc = || {
+        // SAFETY: rdtsc has no memory effects; it is allowed at CPL3 on
+        // Linux hosts.
+        unsafe { core::arch::x86_64::_rdtsc() }
+    };
+    let t0 = Instant::now();
+    let c0 = read_tsc();
+    std::thread::sleep(Duration::from_millis(20));
+    let c1 = read_tsc();
+    let ns = t0.elapsed().as_nanos().max(1) as f64;
+    ((c1.wrapping_sub(c0)) as f64 / ns * 1e6) as u32
+}
+
+/// Kicks the vCPU thread out of KVM_RUN once a deadline passes, and keeps
+/// kicking (a kick that lands outside KVM_RUN is lost) until dropped.
+struct Watchdog {
+    fired: Arc<AtomicBool>,
+    done: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(timeout: Duration) -> Self {
+        let fired = Arc::new(AtomicBool::new(false));
+        let (done, wait) = mpsc::channel::<()>();
+        // SAFETY: pthread_self has no preconditions.
+        let target = unsafe { libc::pthread_self() };
+        let thread = {
+            let fired = fired.clone();
+            std::thread::Builder::new()
+                .name("probe-watchdog".into())
+                .spawn(move || {
+                    if wait.recv_timeout(timeout) != Err(mpsc::RecvTimeoutError::Timeout) {
+                        return;
+                    }
+                    fired.store(true, Ordering::Release);
+                    while wait.recv_timeout(Duration::from_millis(5))
+                        == Err(mpsc::RecvTimeoutError::Timeout)
+                    {
+                        // SAFETY: `target` is the thread that owns this
+                        // watchdog; it joins us before it can exit, so the
+                        // id is live. The signal has a no-op handler
+                        // (install_kick_handler).
+                        unsafe { libc::pthread_kill(target, vmm_sys_util::signal::SIGRTMIN()) };
+                    }
+                })
+                .ok()
+        };
+        Self {
+            fired,
+            done: Some(done),
+            thread,
+        }
+    }
+
+    fn fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
