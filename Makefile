@@ -1,0 +1,48 @@
+# pmemvm: build, guest image, demo boot, checks and benchmarks.
+# `make run` and `make test` work from a fresh Debian 12 machine with /dev/kvm.
+
+PKGS := linux-source-6.1 flex bison libelf-dev libssl-dev bc xz-utils patch \
+        make gcc musl-tools cpio qemu-system-x86 e2fsprogs xfsprogs
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+PMEMVM := target/release/pmemvm
+GUEST := --kernel target/guest/vmlinux --initrd target/guest/initramfs.cpio.gz
+# Each name N has a target bench-N running `cargo bench --bench bench_N`
+# (tests/bench_N.rs, registered as a [[bench]] in Cargo.toml).
+BENCHES := boot
+
+.PHONY: all deps guest build run lint test $(addprefix bench-,$(BENCHES))
+
+all: build
+
+# Installs only the missing packages, so a second run needs no network.
+deps:
+	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust (https://rustup.rs) and put ~/.cargo/bin on PATH" >&2; exit 1; }
+	@missing=$$(for p in $(PKGS); do \
+		dpkg-query -W -f='$${db:Status-Status}' $$p 2>/dev/null | grep -qx installed || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	fi
+
+guest: deps
+	guest-images/build.sh
+
+build:
+	cargo build --release
+
+# Adds a 64 MiB pmem disk when this pmemvm has --pmem.
+run: deps guest build
+	@pmem=; if $(PMEMVM) run --help | grep -q -- --pmem; then pmem="--pmem file=target/demo.pmem,size=64M"; fi; \
+	set -x; $(PMEMVM) run $(GUEST) --cmdline "pmemvm_mode=demo" $$pmem
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+# The end-to-end tests in tests/ boot target/guest and need /dev/kvm.
+test: guest lint
+	cargo test --workspace --release
+
+$(addprefix bench-,$(BENCHES)): bench-%: guest
+	cargo bench --bench bench_$*
