@@ -101,7 +101,7 @@ struct BenchFlushArgs {
     )]
     layout: vmm::probe::FlushLayout,
     /// Measured flushes per dirty count (after one warm-up round).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=200))]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=200))]
     repeat: u32,
 }
 

@@ -1,5 +1,25 @@
 //! `pmemvm bench faults` and `pmemvm bench flush`: probe VMs per engine,
 //! side by side, and the tables and JSON made from their samples.
+//!
+//! `bench faults` boots a fresh probe VM with a fresh backing file per
+//! engine and repeat (engines interleaved within each repeat). Every op
+//! gets its own window of pages, so each "first" access really is the
+//! first since the file was made:
+//! - read: first read, warm read;
+//! - read-write: first read, first write of the same pages (mkwrite);
+//! - write: first write, warm write;
+//! - write-flush-write: first write, flush, write again (re-dirty), flush.
+//!
+//! The flushes of write-flush-write write back every page dirty in the VM
+//! at that point, other ops' windows included. With the kernel engine a
+//! write step of more pages than the KVM dirty ring holds fills the ring;
+//! the harvest re-protects the logged pages, so "warm write" then faults
+//! again: the footer of the table says how often that happened.
+//!
+//! `bench flush` runs one probe VM per engine with a warm-up round and
+//! then `repeat` rounds of (dirty D pages, flush) per D, and the same
+//! rounds on the host against a MAP_SHARED mapping of the same kind of
+//! file with fdatasync, fsync and msync(MS_SYNC).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -172,7 +192,7 @@ impl FaultEvent {
             Self::WarmRead => "warm read",
             Self::WarmWrite => "warm write",
             Self::RedirtyAfterFlush => "re-dirty after flush",
-            Self::Flush => "flush request",
+            Self::Flush => "flush request (all dirty)",
         }
     }
 }
@@ -692,6 +712,19 @@ impl FaultBenchReport {
                 out.push('\n');
             }
         }
+        let mut ring_full: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for run in &self.runs {
+            let e = ring_full.entry(run.engine).or_default();
+            e.0 += run.dirty_ring_full_exits;
+            e.1 += 1;
+        }
+        for (engine, (exits, runs)) in ring_full.into_iter().filter(|(_, (x, _))| *x > 0) {
+            let _ = writeln!(
+                out,
+                "{engine}: {:.1} dirty-ring-full exits per run; each harvest re-protects the logged pages, so their next write faults again",
+                exits as f64 / runs as f64
+            );
+        }
         for s in &self.skipped_engines {
             let _ = writeln!(out, "skipped engine {}: {}", s.engine, s.reason);
         }
@@ -774,7 +807,7 @@ impl Default for FlushBenchConfig {
             populate: None,
             backing: BackingKind::Ext4,
             dir: None,
-            repeat: 5,
+            repeat: 10,
             progress: false,
         }
     }
