@@ -14,6 +14,11 @@ pub const NESTED_SHADOW: &str = "noxsave \
 clearcpuid=smap,fsgsbase,pcid,invpcid,cx16,rdrand,rdseed,erms,fsrm,clwb,popcnt \
 no_int3_selftest no_fpu_fwait syscall_pf_fixup";
 
+/// Added on such a host for more than one vCPU: its emulator re-executes a
+/// guest-kernel `vmcall` forever, and Linux makes hypercalls (PV IPIs, PV
+/// spinlock kicks) only on SMP. `nopv` turns the KVM guest extras off.
+pub const NESTED_SHADOW_SMP: &str = "nopv";
+
 /// Whether to add the host-specific switches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HostQuirks {
@@ -44,7 +49,7 @@ pub enum CmdlineError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cmdline {
     pub line: String,
-    pub host_switches: Option<&'static str>,
+    pub host_switches: Option<String>,
 }
 
 /// Builds the command line: base, host switches, devices, then the user's
@@ -52,6 +57,7 @@ pub struct Cmdline {
 pub fn assemble(
     host: HostKind,
     quirks: HostQuirks,
+    vcpus: u8,
     devices: &[MmioDeviceSpec],
     user: &str,
 ) -> Result<Cmdline, CmdlineError> {
@@ -60,10 +66,14 @@ pub fn assemble(
     }
     let mut parts = vec![BASE.to_string()];
     let host_switches = match (quirks, host) {
-        (HostQuirks::On, _) | (HostQuirks::Auto, HostKind::NestedShadow) => Some(NESTED_SHADOW),
+        (HostQuirks::On, _) | (HostQuirks::Auto, HostKind::NestedShadow) => Some(if vcpus > 1 {
+            format!("{NESTED_SHADOW} {NESTED_SHADOW_SMP}")
+        } else {
+            NESTED_SHADOW.to_string()
+        }),
         _ => None,
     };
-    parts.extend(host_switches.map(str::to_string));
+    parts.extend(host_switches.clone());
     for d in devices {
         parts.push(format!(
             "virtio_mmio.device={}K@{:#x}:{}",
@@ -92,20 +102,27 @@ mod tests {
 
     #[test]
     fn hardware_host_gets_nothing_extra() {
-        let c = assemble(HostKind::Hardware, HostQuirks::Auto, &[], "").unwrap();
+        let c = assemble(HostKind::Hardware, HostQuirks::Auto, 1, &[], "").unwrap();
         assert_eq!(c.line, BASE);
         assert_eq!(c.host_switches, None);
     }
 
     #[test]
     fn nested_host_gets_switches_unless_turned_off() {
-        let c = assemble(HostKind::NestedShadow, HostQuirks::Auto, &[], "quiet").unwrap();
+        let c = assemble(HostKind::NestedShadow, HostQuirks::Auto, 1, &[], "quiet").unwrap();
         assert_eq!(c.line, format!("{BASE} {NESTED_SHADOW} quiet"));
         assert!(c.line.contains("syscall_pf_fixup"));
-        assert_eq!(c.host_switches, Some(NESTED_SHADOW));
-        let c = assemble(HostKind::NestedShadow, HostQuirks::Off, &[], "").unwrap();
+        assert_eq!(c.host_switches.as_deref(), Some(NESTED_SHADOW));
+        let c = assemble(HostKind::NestedShadow, HostQuirks::Auto, 2, &[], "").unwrap();
+        assert_eq!(
+            c.line,
+            format!("{BASE} {NESTED_SHADOW} {NESTED_SHADOW_SMP}")
+        );
+        let c = assemble(HostKind::Hardware, HostQuirks::Auto, 8, &[], "").unwrap();
+        assert!(!c.line.contains("nopv"));
+        let c = assemble(HostKind::NestedShadow, HostQuirks::Off, 1, &[], "").unwrap();
         assert_eq!(c.line, BASE);
-        let c = assemble(HostKind::Hardware, HostQuirks::On, &[], "").unwrap();
+        let c = assemble(HostKind::Hardware, HostQuirks::On, 1, &[], "").unwrap();
         assert!(c.line.contains("no_fpu_fwait"));
     }
 
@@ -126,6 +143,7 @@ mod tests {
         let c = assemble(
             HostKind::Hardware,
             HostQuirks::Auto,
+            1,
             &devs,
             " pmemvm_mode=demo ",
         )
@@ -140,11 +158,11 @@ mod tests {
     fn rejects_bad_lines() {
         let long = "x".repeat(3000);
         assert!(matches!(
-            assemble(HostKind::Hardware, HostQuirks::Auto, &[], &long),
+            assemble(HostKind::Hardware, HostQuirks::Auto, 1, &[], &long),
             Err(CmdlineError::TooLong(_))
         ));
         assert_eq!(
-            assemble(HostKind::Hardware, HostQuirks::Auto, &[], "a\nb"),
+            assemble(HostKind::Hardware, HostQuirks::Auto, 1, &[], "a\nb"),
             Err(CmdlineError::BadCharacter)
         );
     }

@@ -22,6 +22,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::cmdline::MmioDeviceSpec;
 use crate::fault::dirty_log::{DirtyLog, DirtyLogError};
+use crate::fault::uffd::UffdEngine;
 use crate::fault::{DirtyLogWriteback, EngineShared, FaultStats};
 use crate::layout::{self, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE};
 use crate::vm::IrqLine;
@@ -196,7 +197,7 @@ pub fn attach(
         let shared = EngineShared::new(backing.size());
         let is_tracked = tracked(&backing, engine);
         let mut flags = if readonly { KVM_MEM_READONLY } else { 0 };
-        let host = backing.host_addr() as u64;
+        let mut host = backing.host_addr() as u64;
         let writeback: Box<dyn Writeback> = match engine {
             FaultEngineKind::Kernel | FaultEngineKind::Prefault => {
                 if engine == FaultEngineKind::Prefault {
@@ -216,7 +217,20 @@ pub fn attach(
                 }
             }
             FaultEngineKind::Uffd => {
-                return Err(engine_err(std::io::Error::from_raw_os_error(libc::ENOSYS)));
+                let file = backing.file().try_clone().map_err(engine_err)?;
+                let uffd = UffdEngine::start(
+                    &format!("pmem{i}"),
+                    file,
+                    backing.size(),
+                    readonly,
+                    backing.discard_writes(),
+                    config.populate,
+                    shared.clone(),
+                )
+                .map_err(engine_err)?;
+                // The guest sees the engine's mirror, not the file mapping.
+                host = uffd.host_addr() as u64;
+                uffd.writeback()
             }
         };
         let region = kvm_userspace_memory_region {

@@ -258,7 +258,13 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
         Some(path) => Some(boot::load_initrd(&mem, path, &kernel, config.memory)?),
         None => None,
     };
-    let line = cmdline::assemble(host, config.host_quirks, &specs, &config.cmdline)?;
+    let line = cmdline::assemble(
+        host,
+        config.host_quirks,
+        config.vcpus,
+        &specs,
+        &config.cmdline,
+    )?;
     if let Some(switches) = line.host_switches {
         log::info!(
             "host is {}: adding guest switches '{switches}' (turn off with --host-quirks off)",

@@ -344,7 +344,7 @@ mod tests {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                if x % 3 == 0 {
+                if x.is_multiple_of(3) {
                     s.mark_dirty(p);
                     want[p as usize] = true;
                 }
