@@ -432,15 +432,15 @@ fn probe_timeout(samples: u64) -> Duration {
     Duration::from_secs(30) + Duration::from_millis(samples)
 }
 
-/// Runs one probe VM with a fresh backing file; `Ok(None)` when the engine
-/// is not available.
-fn run_probe(
+/// Builds a probe VM with a fresh backing file (unlinked once mapped);
+/// `Ok(Err(reason))` when the engine is not available.
+fn build_probe(
     scratch: &mut ScratchDir,
     engine: FaultEngineKind,
     populate: Option<u16>,
     region_pages: u64,
     steps: &[StepSpec],
-) -> Result<Result<ProbeRun, String>, ProbeError> {
+) -> Result<Result<ProbeVm, String>, ProbeError> {
     let region_pages = region_pages.max(1).div_ceil(512) * 512;
     let backing = scratch.create_file(region_pages * super::paging::PAGE)?;
     let samples = steps.iter().map(|s| s.count).sum();
@@ -455,14 +455,28 @@ fn run_probe(
         region_pages,
         timeout: probe_timeout(samples),
     };
-    let result = ProbeVm::new(&config, steps).and_then(ProbeVm::run);
+    let result = ProbeVm::new(&config, steps);
     let _ = std::fs::remove_file(&backing);
     match result {
-        Ok(run) => Ok(Ok(run)),
+        Ok(vm) => Ok(Ok(vm)),
         Err(ProbeError::EngineUnavailable(name)) => {
             Ok(Err(format!("engine {name} is not available in this build")))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Runs one probe VM with a fresh backing file to its end.
+fn run_probe(
+    scratch: &mut ScratchDir,
+    engine: FaultEngineKind,
+    populate: Option<u16>,
+    region_pages: u64,
+    steps: &[StepSpec],
+) -> Result<Result<ProbeRun, String>, ProbeError> {
+    match build_probe(scratch, engine, populate, region_pages, steps)? {
+        Ok(vm) => vm.run().map(Ok),
+        Err(reason) => Ok(Err(reason)),
     }
 }
 
@@ -898,27 +912,13 @@ pub fn run_flush(config: &FlushBenchConfig) -> Result<FlushBenchReport, ProbeErr
     let max_dirty = config.dirty.iter().copied().max().unwrap_or(0);
     let region_pages = config.layout.region_pages(max_dirty);
     let (steps, tags) = flush_program(config, region_pages);
+    let steps_per_round = steps.len() / (config.repeat as usize + 1);
     let mut scratch = ScratchDir::new(config.backing, config.dir.as_deref())?;
     let mut skipped = Vec::new();
-    let mut runs = Vec::new();
-    let mut engines = Vec::new();
+    let mut vms = Vec::new();
     for &engine in &config.engines {
-        let started = Instant::now();
-        match run_probe(&mut scratch, engine, config.populate, region_pages, &steps)? {
-            Ok(run) => {
-                if config.progress {
-                    eprintln!(
-                        "bench flush: engine {:<8} {} rounds x {} dirty counts in {:.2} s",
-                        engine.name(),
-                        config.repeat + 1,
-                        config.dirty.len(),
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-                let events = vec![None; steps.len()];
-                runs.push((RunRecord::new(&run, 0, &events), engine));
-                engines.push(engine);
-            }
+        match build_probe(&mut scratch, engine, config.populate, region_pages, &steps)? {
+            Ok(vm) => vms.push((vm, engine)),
             Err(reason) => {
                 if config.progress {
                     eprintln!("bench flush: skipping engine {}: {reason}", engine.name());
@@ -930,12 +930,18 @@ pub fn run_flush(config: &FlushBenchConfig) -> Result<FlushBenchReport, ProbeErr
             }
         }
     }
-
-    let started = Instant::now();
     let host_path = scratch.create_file(region_pages * super::paging::PAGE)?;
     let mut host_file = HostFlushFile::open(&host_path, region_pages)?;
+    let _ = std::fs::remove_file(&host_path);
+
+    // Round by round, every engine's VM and then the host take turns, so
+    // that a slow spell of the host's disk hits all cases alike.
+    let started = Instant::now();
     let mut host_syncs = Vec::new();
     for round in 0..=config.repeat {
+        for (vm, _) in &mut vms {
+            vm.run_steps(steps_per_round)?;
+        }
         for &dirty in &config.dirty {
             let pages = if dirty == 0 {
                 Vec::new()
@@ -955,15 +961,21 @@ pub fn run_flush(config: &FlushBenchConfig) -> Result<FlushBenchReport, ProbeErr
         }
         if config.progress {
             eprintln!(
-                "bench flush: host baselines round {}/{} ({:.2} s)",
+                "bench flush: round {}/{}{}: {} engine(s) and the host baselines, {:.2} s",
                 round + 1,
                 config.repeat + 1,
+                if round == 0 { " (warm-up)" } else { "" },
+                vms.len(),
                 started.elapsed().as_secs_f64()
             );
         }
     }
     drop(host_file);
-    let _ = std::fs::remove_file(&host_path);
+    let events = vec![None; steps.len()];
+    let mut runs = Vec::new();
+    for (vm, engine) in vms {
+        runs.push((RunRecord::new(&vm.run()?, 0, &events), engine));
+    }
 
     let summary = summarize_flush(config, &runs, &tags, &host_syncs);
     Ok(FlushBenchReport {

@@ -108,7 +108,9 @@ impl ProbeRun {
     }
 }
 
-/// A probe VM ready to run its program.
+/// A probe VM ready to run its program, all at once ([`ProbeVm::run`]) or
+/// a few steps at a time ([`ProbeVm::run_steps`]), so that several VMs and
+/// host-side baselines can take turns.
 pub struct ProbeVm {
     engine: FaultEngineKind,
     vm: VmFd,
@@ -123,6 +125,21 @@ pub struct ProbeVm {
     tsc_khz: u32,
     timeout: Duration,
     created: Instant,
+    /// From creation to the first KVM_RUN.
+    setup: Option<Duration>,
+    results: Vec<StepResult>,
+    /// Statistics at the end of the last step (or at the first entry).
+    last: Option<Snapshot>,
+    efault_retries: u64,
+    dirty_ring_full_exits: u64,
+}
+
+/// Why the run loop returned.
+enum LoopEnd {
+    /// The asked number of steps is done; the guest waits in its next step.
+    Paused,
+    /// The probe reported success after its last step.
+    Exited,
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> ProbeError {
@@ -309,6 +326,11 @@ impl ProbeVm {
             tsc_khz,
             timeout: config.timeout,
             created,
+            setup: None,
+            results: Vec::new(),
+            last: None,
+            efault_retries: 0,
+            dirty_ring_full_exits: 0,
         })
     }
 
@@ -319,23 +341,35 @@ impl ProbeVm {
 
     /// Runs the probe to its end and collects every step's samples.
     pub fn run(mut self) -> Result<ProbeRun, ProbeError> {
-        crate::vcpu::install_kick_handler().map_err(ProbeError::EventLoop)?;
-        let setup = self.created.elapsed();
-        let watchdog = Watchdog::start(self.timeout);
-        let result = self.run_loop(&watchdog);
-        drop(watchdog);
+        self.run_loop(None)?;
         if let Some(events) = self.events.take() {
             events.stop();
         }
-        let (steps, efault_retries, dirty_ring_full_exits) = result?;
         Ok(ProbeRun {
             engine: self.engine,
             tsc_khz: self.tsc_khz,
-            steps,
-            efault_retries,
-            dirty_ring_full_exits,
-            setup,
+            steps: std::mem::take(&mut self.results),
+            efault_retries: self.efault_retries,
+            dirty_ring_full_exits: self.dirty_ring_full_exits,
+            setup: self.setup.unwrap_or_default(),
         })
+    }
+
+    /// Runs the next `count` steps (fewer if the program ends first) and
+    /// returns their results; the guest then waits, not running, until the
+    /// next call. [`ProbeVm::run`] finishes the program and returns every
+    /// step, these included.
+    pub fn run_steps(&mut self, count: usize) -> Result<&[StepResult], ProbeError> {
+        let first = self.results.len();
+        let target = (first + count).min(self.steps.len());
+        if target > first {
+            self.run_loop(Some(target))?;
+        }
+        Ok(&self.results[first..])
+    }
+
+    pub fn steps_done(&self) -> usize {
+        self.results.len()
     }
 
     fn snapshot(&self) -> Result<Snapshot, ProbeError> {
@@ -346,17 +380,26 @@ impl ProbeVm {
         })
     }
 
-    fn run_loop(&mut self, watchdog: &Watchdog) -> Result<(Vec<StepResult>, u64, u64), ProbeError> {
-        let mut results = Vec::with_capacity(self.steps.len());
-        let mut last = self.snapshot()?;
-        let mut efault_retries = 0u64;
-        let mut ring_full = 0u64;
+    /// Runs the vCPU until `pause_at` steps are done (`None`: until the
+    /// probe exits), with a watchdog of `timeout`.
+    fn run_loop(&mut self, pause_at: Option<usize>) -> Result<LoopEnd, ProbeError> {
+        crate::vcpu::install_kick_handler().map_err(ProbeError::EventLoop)?;
+        if self.setup.is_none() {
+            self.setup = Some(self.created.elapsed());
+        }
+        if self.last.is_none() {
+            self.last = Some(self.snapshot()?);
+        }
+        let watchdog = Watchdog::start(self.timeout);
         let mut backoff = Duration::from_micros(100);
         loop {
+            if pause_at.is_some_and(|n| self.results.len() >= n) {
+                return Ok(LoopEnd::Paused);
+            }
             if watchdog.fired() {
                 return Err(ProbeError::Timeout {
                     timeout: self.timeout,
-                    steps_done: results.len(),
+                    steps_done: self.results.len(),
                     state: self.describe_state(),
                 });
             }
@@ -364,7 +407,7 @@ impl ProbeVm {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) if e.errno() == libc::EFAULT => {
-                    efault_retries += 1;
+                    self.efault_retries += 1;
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_millis(100));
                     continue;
@@ -377,44 +420,20 @@ impl ProbeVm {
                 }
             };
             backoff = Duration::from_micros(100);
+            let steps = self.steps.len();
+            let done = self.results.len();
             match exit {
                 VcpuExit::MmioWrite(addr, _) if addr == CONTROL_GPA + CONTROL_STEP => {
-                    let now = self.snapshot()?;
-                    let index = results.len();
-                    let Some(&(spec, gpa)) = self.steps.get(index) else {
-                        return Err(ProbeError::ProtocolViolation(format!(
-                            "step {index} reported, but the program has {} steps",
-                            self.steps.len()
-                        )));
-                    };
-                    let ticks = read_u64s(&self.mem, gpa, spec.count)?;
-                    let stats = self.pmem.devices[0].stats();
-                    results.push(StepResult {
-                        spec,
-                        ticks,
-                        vcpu_stats: kvm_stats::delta(&last.vcpu, &now.vcpu),
-                        vm_stats: kvm_stats::delta(&last.vm, &now.vm),
-                        engine: stats.fault,
-                        device: stats.device,
-                        wall: now.at - last.at,
-                    });
-                    last = self.snapshot()?;
+                    self.record_step()?;
                 }
                 VcpuExit::MmioWrite(addr, data) if addr == CONTROL_GPA + CONTROL_EXIT => {
                     let code = data.first().copied().unwrap_or(0xff);
                     return match ProbeExitCode::from(code) {
-                        ProbeExitCode::Done if results.len() == self.steps.len() => {
-                            Ok((results, efault_retries, ring_full))
-                        }
+                        ProbeExitCode::Done if done == steps => Ok(LoopEnd::Exited),
                         ProbeExitCode::Done => Err(ProbeError::ProtocolViolation(format!(
-                            "the probe ended after {} of {} steps",
-                            results.len(),
-                            self.steps.len()
+                            "the probe ended after {done} of {steps} steps"
                         ))),
-                        code => Err(ProbeError::ProbeFailed {
-                            code,
-                            step: results.len(),
-                        }),
+                        code => Err(ProbeError::ProbeFailed { code, step: done }),
                     };
                 }
                 VcpuExit::MmioRead(addr, data) => {
@@ -432,14 +451,14 @@ impl ProbeVm {
                     }
                 }
                 VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
-                    ring_full += 1;
+                    self.dirty_ring_full_exits += 1;
                     if let Some(log) = &self.pmem.dirty_log {
                         log.harvest().map_err(ProbeError::DirtyRing)?;
                     }
                 }
                 VcpuExit::Shutdown => {
                     return Err(ProbeError::TripleFault {
-                        steps_done: results.len(),
+                        steps_done: done,
                         state: self.describe_state(),
                     })
                 }
@@ -452,6 +471,33 @@ impl ProbeVm {
                 }
             }
         }
+    }
+
+    /// A step boundary: the step's samples and counter deltas.
+    fn record_step(&mut self) -> Result<(), ProbeError> {
+        let now = self.snapshot()?;
+        let index = self.results.len();
+        let Some(&(spec, gpa)) = self.steps.get(index) else {
+            return Err(ProbeError::ProtocolViolation(format!(
+                "step {index} reported, but the program has {} steps",
+                self.steps.len()
+            )));
+        };
+        let ticks = read_u64s(&self.mem, gpa, spec.count)?;
+        let stats = self.pmem.devices[0].stats();
+        let last = self.last.as_ref().unwrap_or(&now);
+        let result = StepResult {
+            spec,
+            ticks,
+            vcpu_stats: kvm_stats::delta(&last.vcpu, &now.vcpu),
+            vm_stats: kvm_stats::delta(&last.vm, &now.vm),
+            engine: stats.fault,
+            device: stats.device,
+            wall: now.at - last.at,
+        };
+        self.results.push(result);
+        self.last = Some(self.snapshot()?);
+        Ok(())
     }
 
     /// RIP, RSP, CR2 and how far the probe got, for error reports.
