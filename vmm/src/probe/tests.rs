@@ -137,17 +137,54 @@ fn a_flush_writes_back_exactly_the_dirty_pages_once() {
         flush(),
         flush(),
     ];
-    let run = run(&mut dir, FaultEngineKind::Kernel, 512, &steps).unwrap();
-    let first = &run.steps[1];
-    assert_eq!(first.device.flush_requests, 1);
-    assert_eq!(first.device.writebacks, 1);
-    assert_eq!(first.engine.flush.last_pages, 5);
-    assert_eq!(first.engine.flush.pages, 5);
-    let second = &run.steps[2];
-    assert_eq!(second.device.writebacks, 2);
-    assert_eq!(second.engine.flush.last_pages, 0);
-    assert_eq!(second.engine.flush.pages, 5);
-    assert!(first.ticks[0] > 0 && second.ticks[0] > 0);
+    for engine in ENGINES {
+        let run = match run(&mut dir, engine, 512, &steps) {
+            Err(ProbeError::EngineUnavailable(_)) => continue,
+            r => r.unwrap_or_else(|e| panic!("engine {}: {e}", engine.name())),
+        };
+        let name = engine.name();
+        let first = &run.steps[1];
+        assert_eq!(first.device.flush_requests, 1, "{name}");
+        assert_eq!(first.device.writebacks, 1, "{name}");
+        assert_eq!(first.engine.flush.last_pages, 5, "{name}");
+        assert_eq!(first.engine.flush.pages, 5, "{name}");
+        let second = &run.steps[2];
+        assert_eq!(second.device.writebacks, 2, "{name}");
+        assert_eq!(second.engine.flush.last_pages, 0, "{name}");
+        assert_eq!(second.engine.flush.pages, 5, "{name}");
+        assert!(first.ticks[0] > 0 && second.ticks[0] > 0);
+    }
+}
+
+#[test]
+fn a_paused_probe_resumes_where_it_stopped() {
+    let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
+    require_kvm();
+    let backing = dir.create_file(2 << 20).unwrap();
+    let config = ProbeVmConfig {
+        engine: FaultEngineKind::Kernel,
+        populate: DEFAULT_POPULATE,
+        backing,
+        region_pages: 512,
+        timeout: Duration::from_secs(20),
+    };
+    let seq = PageOrder::Stride { stride: 1 };
+    let steps = [
+        step(StepOp::Write, 8, 0, seq),
+        flush(),
+        step(StepOp::Write, 3, 100, seq),
+        flush(),
+    ];
+    let mut vm = ProbeVm::new(&config, &steps).unwrap();
+    let first = vm.run_steps(2).unwrap();
+    assert_eq!(first.len(), 2);
+    assert_eq!(first[1].engine.flush.last_pages, 8);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(vm.run_steps(1).unwrap()[0].ticks.len(), 3);
+    assert_eq!(vm.steps_done(), 3);
+    let run = vm.run().unwrap();
+    assert_eq!(run.steps.len(), 4);
+    assert_eq!(run.steps[3].engine.flush.last_pages, 3);
 }
 
 #[test]
