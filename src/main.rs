@@ -134,13 +134,16 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "auto")]
     host_quirks: QuirksArg,
     /// A virtio-pmem disk backed by a host file, seen as /dev/pmemN in the
-    /// guest: file=PATH[,size=SIZE][,readonly=on][,discard_writes=on].
-    /// Repeat for more disks.
+    /// guest: file=PATH[,size=SIZE][,readonly=on][,discard_writes=on]
+    /// [,engine=kernel|uffd|prefault][,populate=N]. Repeat for more disks.
     #[arg(long, value_name = "file=PATH[,...]")]
     pmem: Vec<PmemConfig>,
     /// Write device statistics as JSON to this file when the VM ends.
     #[arg(long, value_name = "PATH")]
     stats: Option<PathBuf>,
+    /// Run without the per-thread seccomp filters (for debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -212,20 +215,26 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(a) => vmm::run(VmConfig {
-            kernel: a.kernel,
-            initrd: a.initrd,
-            cmdline: a.cmdline,
-            memory: a.memory,
-            vcpus: a.vcpus,
-            host_quirks: match a.host_quirks {
-                QuirksArg::Auto => HostQuirks::Auto,
-                QuirksArg::On => HostQuirks::On,
-                QuirksArg::Off => HostQuirks::Off,
-            },
-            pmem: a.pmem,
-            stats: a.stats,
-        }),
+        Command::Run(a) => {
+            if a.no_seccomp {
+                log::warn!("--no-seccomp: vCPU, device and fault threads run unconfined");
+                vmm::seccomp::disable();
+            }
+            vmm::run(VmConfig {
+                kernel: a.kernel,
+                initrd: a.initrd,
+                cmdline: a.cmdline,
+                memory: a.memory,
+                vcpus: a.vcpus,
+                host_quirks: match a.host_quirks {
+                    QuirksArg::Auto => HostQuirks::Auto,
+                    QuirksArg::On => HostQuirks::On,
+                    QuirksArg::Off => HostQuirks::Off,
+                },
+                pmem: a.pmem,
+                stats: a.stats,
+            })
+        }
         Command::Bench(a) => return bench(a.what),
     };
     match result {

@@ -14,6 +14,7 @@ pub mod layout;
 pub mod mptable;
 pub mod pmem;
 pub mod probe;
+pub mod seccomp;
 pub mod stats;
 mod vcpu;
 mod vm;

@@ -328,6 +328,7 @@ impl DeviceEventLoop {
             std::thread::Builder::new()
                 .name("pmem-events".into())
                 .spawn(move || {
+                    crate::seccomp::confine_or_warn(crate::seccomp::ThreadKind::DeviceEvents);
                     // The timeout only bounds how long a stop request waits.
                     while !stop.load(Ordering::Acquire) {
                         if let Err(e) = em.run_with_timeout(100) {

@@ -28,6 +28,7 @@ pub struct VcpuContext {
 
 static UNKNOWN_PIO: LogLimiter = LogLimiter::new(8, 1000);
 static UNKNOWN_MMIO: LogLimiter = LogLimiter::new(8, 1000);
+static EMPTY_RING_FULL: LogLimiter = LogLimiter::new(4, 100_000);
 /// Linux writes to port 0x80 to delay I/O; nothing is there.
 const POST_PORT: u16 = 0x80;
 
@@ -99,6 +100,7 @@ impl HostFaultWait {
 }
 
 pub fn run(id: u8, mut vcpu: VcpuFd, ctx: Arc<VcpuContext>) {
+    crate::seccomp::confine_or_warn(crate::seccomp::ThreadKind::Vcpu);
     let mut host_wait = HostFaultWait::new();
     while !ctx.stop.load(Ordering::Acquire) {
         let end = match vcpu.run() {
@@ -161,6 +163,15 @@ fn handle_exit(id: u8, exit: VcpuExit, ctx: &VcpuContext) -> Option<RunEnd> {
         VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
             let harvested = ctx.dirty_log.as_ref().map(|log| log.harvest());
             match harvested {
+                Some(Ok(0)) => {
+                    if EMPTY_RING_FULL.allow() {
+                        log::warn!(
+                            "vCPU {id}: dirty ring full but nothing to harvest: {:?}",
+                            ctx.dirty_log.as_ref().map(|l| l.ring_positions())
+                        );
+                    }
+                    None
+                }
                 Some(Ok(_)) => None,
                 Some(Err(e)) => Some(RunEnd::Fault(format!(
                     "vCPU {id}: draining the full dirty ring failed: {e}"

@@ -25,8 +25,10 @@ use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::{EngineShared, PAGE_SIZE};
 
-/// Entries per vCPU ring: 64 KiB of ring, 16 MiB of writes between harvests.
-const RING_ENTRIES: u32 = 4096;
+/// Entries per vCPU ring: 1 MiB of ring, 256 MiB of first writes between
+/// harvests. A full ring forces a harvest, which re-protects every logged
+/// page, so a small ring makes warm writes fault again (4096 entries did).
+const RING_ENTRIES: u32 = 65536;
 const DIRTY_GFN_F_DIRTY: u32 = 1;
 const DIRTY_GFN_F_RESET: u32 = 2;
 /// _IO(KVMIO, 0xc7), from include/uapi/linux/kvm.h.
@@ -142,6 +144,24 @@ impl DirtyLog {
         }
     }
 
+    /// Per ring: the next index to fetch and the flags found there.
+    pub fn ring_positions(&self) -> Vec<(u32, u32)> {
+        let mode = self.lock();
+        let Mode::Ring { rings, .. } = &*mode else {
+            return Vec::new();
+        };
+        rings
+            .iter()
+            .map(|r| {
+                let i = (r.fetch % r.entries) as usize;
+                // SAFETY: i < entries, inside the mapped ring.
+                let flags =
+                    unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*r.gfns.add(i)).flags)) };
+                (r.fetch, flags)
+            })
+            .collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Mode> {
         self.mode.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -203,13 +223,10 @@ impl DirtyLog {
                 for ring in rings.iter_mut() {
                     found += collect(ring, &slots);
                 }
-                if found > 0 {
-                    // SAFETY: argument-less VM ioctl on a valid VM fd.
-                    let rc = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_RESET_DIRTY_RINGS) };
-                    if rc < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
+                // Always reset, even when this harvest found nothing: an
+                // earlier reset that failed leaves entries marked RESET that
+                // no later collect sees, and the ring would stay full.
+                reset_rings(&self.vm)?;
                 Ok(found)
             }
             Mode::Bitmap => self.harvest_bitmaps(),
@@ -263,6 +280,21 @@ impl DirtyLog {
             }
         }
         Ok(found)
+    }
+}
+
+/// KVM_RESET_DIRTY_RINGS, retried when a signal interrupts it.
+fn reset_rings(vm: &File) -> io::Result<()> {
+    loop {
+        // SAFETY: argument-less VM ioctl on a valid VM fd.
+        let rc = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_RESET_DIRTY_RINGS) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
     }
 }
 

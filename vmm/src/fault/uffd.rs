@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 
 use devices::virtio::pmem::{Writeback, WritebackReport};
 
-use super::{write_back, Access, EngineShared, PageState, Run, Transition, PAGE_SIZE};
+use super::{
+    write_back, Access, DirtySet, EngineShared, PageState, PageStates, Run, Transition, PAGE_SIZE,
+};
 
 /// Largest `populate`: one 2 MiB block per fault.
 pub const MAX_POPULATE: u16 = 512;
@@ -1172,7 +1174,10 @@ impl UffdEngine {
         };
         let thread = std::thread::Builder::new()
             .name(format!("uffd-{name}"))
-            .spawn(move || handler.run())?;
+            .spawn(move || {
+                crate::seccomp::confine_or_warn(crate::seccomp::ThreadKind::FaultServicer);
+                handler.run()
+            })?;
         log::debug!(
             "{name}: uffd engine on {} ({} MiB, populate {populate}{})",
             mirror.path,
@@ -1241,6 +1246,24 @@ impl Drop for UffdEngine {
     }
 }
 
+/// The ranges to write-protect for a flush of `set`: its runs, merged across
+/// gaps of clean pages, which are protected already. One ioctl per span
+/// instead of one per run keeps a scattered flush from paying per page.
+fn protect_spans(states: &PageStates, set: &DirtySet, pages: u64) -> Vec<(u64, u64)> {
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for run in set.runs(pages) {
+        if let Some((first, len)) = spans.last_mut() {
+            let end = *first + *len;
+            if (end..run.first).all(|p| states.state(p) == Some(PageState::Clean)) {
+                *len = run.first + run.pages - *first;
+                continue;
+            }
+        }
+        spans.push((run.first, run.pages));
+    }
+    spans
+}
+
 /// The flush of the uffd engine: re-arm the catch on the dirty pages, then
 /// copy them from the mirror to the file.
 pub struct UffdWriteback {
@@ -1262,17 +1285,16 @@ impl Writeback for UffdWriteback {
             // cannot lift the protection of a page this flush just cleaned.
             let mut states = m.shared.states();
             let set = states.take_dirty();
-            for run in set.runs(m.pages) {
-                if let Err(e) = m.protect(run.first, run.pages, true) {
+            for (first, pages) in protect_spans(&states, &set, m.pages) {
+                if let Err(e) = m.protect(first, pages, true) {
                     // Some pages may be writable yet clean: dirty them all.
                     states.redirty(&set);
                     return Err(io::Error::new(
                         e.kind(),
                         format!(
-                            "{}: write-protecting pages {}..{} for a flush: {e}",
+                            "{}: write-protecting pages {first}..{} for a flush: {e}",
                             m.name,
-                            run.first,
-                            run.first + run.pages
+                            first + pages
                         ),
                     ));
                 }
@@ -1354,6 +1376,23 @@ pub fn measure_first_touch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn protect_spans_merge_across_clean_gaps_only() {
+        let mut states = PageStates::new(16);
+        for p in 0..8 {
+            states.fault(p, Access::Read);
+        }
+        for p in [1, 3, 5, 10, 12] {
+            states.fault(p, Access::Write);
+        }
+        let set = states.take_dirty();
+        // 1..6 merge over clean 2 and 4; 10 and 12 stay apart (11 absent).
+        assert_eq!(
+            protect_spans(&states, &set, 512),
+            vec![(1, 5), (10, 1), (12, 1)]
+        );
+    }
     use crate::fault::FaultStats;
     use std::os::unix::fs::{FileExt, MetadataExt};
     use std::path::PathBuf;
