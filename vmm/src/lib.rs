@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod exit;
 pub mod fault;
 pub mod host;
+pub mod kvm_stats;
 pub mod layout;
 pub mod mptable;
 pub mod pmem;

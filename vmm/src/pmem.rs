@@ -78,6 +78,9 @@ pub struct DeviceStats {
     pub device: PmemStats,
     #[serde(flatten)]
     pub fault: FaultStats,
+    /// VM-wide KVM statistic deltas, the same in every device's record.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub kvm: std::collections::BTreeMap<String, i64>,
 }
 
 impl AttachedPmem {
@@ -89,6 +92,7 @@ impl AttachedPmem {
         DeviceStats {
             device: self.metrics.snapshot(),
             fault: self.shared.metrics.snapshot(self.engine.name()),
+            kvm: Default::default(),
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::host::HostKind;
 use crate::layout::{self, MAX_MEMORY, MIB, MIN_MEMORY};
 use crate::mptable::{self, MpTableError};
 use crate::pmem::{self, AttachError, DeviceEventLoop};
-use crate::stats::StatsFile;
+use crate::stats::{KvmCounters, StatsFile};
 use crate::vcpu::{self, VcpuContext};
 
 /// Where KVM puts the three pages of its real-mode TSS: just below the BIOS.
@@ -318,6 +318,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
         }
         vcpus.push(fd);
     }
+    let kvm_counters = stats.as_ref().and_then(|_| KvmCounters::open(&vm, &vcpus));
     let ctx = Arc::new(VcpuContext {
         pio,
         mmio,
@@ -347,7 +348,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     }
     let _ = std::io::stdout().flush();
     if let Some(stats) = stats {
-        stats.write(&pmem.devices)?;
+        stats.write(&pmem.devices, kvm_counters)?;
     }
     match end {
         RunEnd::Fault(what) => Err(VmmError::GuestFault(what)),

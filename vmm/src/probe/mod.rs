@@ -7,25 +7,23 @@
 //!   activated by the VMM through its virtio-mmio registers.
 //! - [`guest`]: the probe routine (global_asm!) and its parameter block.
 //! - [`bench`]: `pmemvm bench faults` and `pmemvm bench flush`.
-//! - [`kvm_stats`]: KVM's binary statistics, reusable by the main VMM.
 
 pub mod backing;
 pub mod bench;
 pub mod guest;
 pub mod host_flush;
-pub mod kvm_stats;
 pub mod paging;
 pub mod vm;
 
 use std::time::Duration;
 
+pub use crate::kvm_stats::{KvmStats, KvmStatsError};
 pub use backing::BackingKind;
 pub use bench::{
     run_faults, run_flush, FaultBenchConfig, FaultBenchReport, FaultOp, FlushBenchConfig,
     FlushBenchReport, FlushLayout, PagePattern,
 };
 pub use guest::{PageOrder, StepOp, StepSpec};
-pub use kvm_stats::{KvmStats, KvmStatsError};
 pub use vm::{ProbeRun, ProbeVm, ProbeVmConfig, StepResult};
 
 use crate::pmem::AttachError;

@@ -23,10 +23,10 @@ use super::guest::{
     probe_code, ProbeExitCode, ProbeHeader, StepSpec, CONTROL_EXIT, CONTROL_STEP, HDR_STEPS_DONE,
     STEPS_OFFSET, STEP_SIZE,
 };
-use super::kvm_stats::{self, KvmStats};
 use super::paging::*;
 use super::ProbeError;
 use crate::fault::FaultStats;
+use crate::kvm_stats::{self, KvmStats};
 use crate::layout::{self, MMIO_GAP_START};
 use crate::pmem::{self, AttachError, DeviceEventLoop, PmemSet};
 use crate::vm::{create_guest_memory, open_kvm};
