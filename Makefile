@@ -10,7 +10,7 @@ GUEST := --kernel target/guest/vmlinux --initrd target/guest/initramfs.cpio.gz
 # (tests/bench_N.rs, registered as a [[bench]] in Cargo.toml).
 BENCHES := boot
 
-.PHONY: all deps guest build run lint test $(addprefix bench-,$(BENCHES))
+.PHONY: all deps guest build run lint test $(addprefix bench-,$(BENCHES)) bench-flush bench-faults
 
 all: build
 
@@ -46,3 +46,13 @@ test: guest lint
 
 $(addprefix bench-,$(BENCHES)): bench-%: guest
 	cargo bench --bench bench_$*
+
+# Flush requests timed end to end in the probe guest (guest request to
+# guest completion), per engine, beside host fdatasync/fsync/msync.
+bench-flush: build
+	$(PMEMVM) bench flush --dirty 0,1,64 --layout contiguous
+	$(PMEMVM) bench flush --dirty 64 --layout scattered
+
+# First-touch, mkwrite and re-dirty costs per engine in the probe guest.
+bench-faults: build
+	$(PMEMVM) bench faults
