@@ -274,7 +274,8 @@ pub fn attach(
         mmio.insert(base, MMIO_SIZE, Arc::new(Mutex::new(transport)))
             .map_err(|e| wiring("MMIO bus", e.to_string()))?;
         if readonly {
-            let sink = ReadonlyRegion::new(device.clone());
+            let sink = ReadonlyRegion::new(&device.lock().unwrap_or_else(|p| p.into_inner()))
+                .map_err(|e| wiring("read-only region", e.to_string()))?;
             mmio.insert(start, sink.size(), Arc::new(Mutex::new(sink)))
                 .map_err(|e| wiring("MMIO bus", e.to_string()))?;
         }

@@ -60,6 +60,7 @@ pub fn write_back(
     let pages = set.len();
     let mut runs = 0;
     let result = (|| {
+        check_not_truncated(file, shared.states().pages() * PAGE_SIZE)?;
         for run in set.runs(MAX_RUN_PAGES) {
             write_run(run)?;
             runs += 1;
@@ -79,6 +80,19 @@ pub fn write_back(
             Err(e)
         }
     }
+}
+
+/// Another program shrank the backing file under the guest: the pages past
+/// its end are gone, so the flush must fail rather than claim durability.
+pub fn check_not_truncated(file: &File, size: u64) -> io::Result<()> {
+    let now = file.metadata()?.len();
+    if now < size {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the backing file was truncated to {now} bytes under the guest (device size {size})"),
+        ));
+    }
+    Ok(())
 }
 
 /// Starts writeback of a run of the page cache of a MAP_SHARED file. The
@@ -166,6 +180,19 @@ mod tests {
         assert_eq!(report.pages, Some(4));
         let s = shared.metrics.snapshot("kernel");
         assert_eq!((s.flush.pages, s.flush.runs, s.flush.last_pages), (4, 2, 4));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn truncated_file_fails_the_flush_and_keeps_pages_dirty() {
+        let (path, f) = temp_file("trunc", 8 * PAGE_SIZE);
+        let shared = EngineShared::new(8 * PAGE_SIZE);
+        shared.states().mark_dirty(2);
+        f.set_len(4 * PAGE_SIZE).unwrap();
+        let set = shared.states().take_dirty();
+        let err = write_back(&shared, &f, set, |_| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        assert_eq!(shared.states().state(2), Some(PageState::Dirty));
         std::fs::remove_file(path).unwrap();
     }
 

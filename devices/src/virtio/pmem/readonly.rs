@@ -3,8 +3,11 @@
 //! guest but each write becomes an MMIO exit. Writes are dropped and counted;
 //! the guest sees its store vanish, as with ROM.
 
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::device::PmemDevice;
 use super::metrics::PmemMetrics;
@@ -12,40 +15,25 @@ use crate::bus::BusDevice;
 use crate::ratelimit::LogLimiter;
 
 pub struct ReadonlyRegion {
-    /// Keeps the mapping behind `host` alive.
-    _device: Arc<Mutex<PmemDevice>>,
-    host: *const u8,
+    /// Read with pread, not through the mapping: a file another program
+    /// truncated gives a short read here, not a SIGBUS in the VMM.
+    file: File,
     size: u64,
     path: String,
     metrics: Arc<PmemMetrics>,
     warn: LogLimiter,
 }
 
-// SAFETY: `host` points into the backing mapping owned by `_device`, which
-// lives as long as this value; it is only read, and reads of shared memory
-// that the guest may change concurrently are benign byte copies.
-unsafe impl Send for ReadonlyRegion {}
-
 impl ReadonlyRegion {
-    pub fn new(device: Arc<Mutex<PmemDevice>>) -> Self {
-        let (host, size, path, metrics) = {
-            let d = device.lock().unwrap_or_else(|p| p.into_inner());
-            let b = d.backing();
-            (
-                b.host_addr() as *const u8,
-                b.size(),
-                b.path().display().to_string(),
-                d.metrics(),
-            )
-        };
-        Self {
-            _device: device,
-            host,
-            size,
-            path,
-            metrics,
+    pub fn new(device: &PmemDevice) -> io::Result<Self> {
+        let b = device.backing();
+        Ok(Self {
+            file: b.file().try_clone()?,
+            size: b.size(),
+            path: b.path().display().to_string(),
+            metrics: device.metrics(),
             warn: LogLimiter::new(4, 10_000),
-        }
+        })
     }
 
     /// Length of the bus range to register.
@@ -65,15 +53,12 @@ impl BusDevice for ReadonlyRegion {
             data.fill(0xff);
             return;
         }
-        // SAFETY: offset..offset+len lies inside the live mapping (checked
-        // above) and `data` is a distinct host buffer.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.host.add(offset as usize),
-                data.as_mut_ptr(),
-                data.len(),
-            )
-        };
+        if let Err(e) = self.file.read_exact_at(data, offset) {
+            data.fill(0xff);
+            if self.warn.allow() {
+                log::warn!("virtio-pmem {}: read at {offset:#x}: {e}", self.path);
+            }
+        }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -108,7 +93,7 @@ mod tests {
         let backing = PmemBacking::open(&cfg).unwrap();
         let dev = PmemDevice::new(backing, GuestAddress(1 << 32)).unwrap();
         let metrics = dev.metrics();
-        let mut region = ReadonlyRegion::new(Arc::new(Mutex::new(dev)));
+        let mut region = ReadonlyRegion::new(&dev).unwrap();
         assert_eq!(region.size(), 2 << 20);
 
         region.write(0, b"XXXXX");
@@ -121,6 +106,16 @@ mod tests {
         assert_eq!(tail, [0xff; 4], "a read past the end is open bus");
         assert_eq!(metrics.snapshot().readonly_writes, 2);
         assert_eq!(&std::fs::read(&path).unwrap()[..5], b"hello");
+        // Truncated by another program: reads fail soft, no SIGBUS.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let mut far = [0u8; 8];
+        region.read(1 << 20, &mut far);
+        assert_eq!(far, [0xff; 8]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
