@@ -56,3 +56,10 @@ bench-flush: build
 # First-touch, mkwrite and re-dirty costs per engine in the probe guest.
 bench-faults: build
 	$(PMEMVM) bench faults
+
+# Every cargo-fuzz target in fuzz/ for FUZZ_SECONDS each, then the executions
+# per target. Needs `cargo install cargo-fuzz`; see fuzz/README.md.
+FUZZ_SECONDS ?= 60
+.PHONY: fuzz
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
