@@ -193,6 +193,10 @@ def req_seeds():
         0x000: table((0x300, 4, NEXT, 1), (0x102, 2, WRITE | NEXT, 2), (0x0, 2, WRITE, 0)),
         0x100: avail(0), 0x300: FLUSH})
     yield "overlapping-rings", req_input(4, (0x0, 0x0, 0x80), good)
+    # Fails until the device refuses VRING_DESC_F_INDIRECT (not offered).
+    yield "indirect-descriptor", req_input(4, R, {
+        0x000: table((0x380, 32, INDIRECT, 0)), 0x100: avail(0),
+        0x380: table((0x300, 4, NEXT, 1), (0x310, 4, WRITE, 0)), 0x300: FLUSH, 0x310: ST})
     yield "empty", b""
 
 
