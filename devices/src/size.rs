@@ -15,7 +15,12 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits);
-    let n: u64 = num.parse().map_err(|_| SizeError::Invalid(s.to_string()))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|e: std::num::ParseIntError| match e.kind() {
+            std::num::IntErrorKind::PosOverflow => SizeError::Overflow(s.to_string()),
+            _ => SizeError::Invalid(s.to_string()),
+        })?;
     let shift = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
@@ -52,6 +57,10 @@ mod tests {
         }
         assert!(matches!(
             parse_size("99999999999T"),
+            Err(SizeError::Overflow(_))
+        ));
+        assert!(matches!(
+            parse_size("99999999999999999999"),
             Err(SizeError::Overflow(_))
         ));
     }

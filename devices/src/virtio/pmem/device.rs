@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backing::{FileWriteback, PmemBacking, Writeback, PMEM_ALIGN};
@@ -158,10 +158,14 @@ impl PmemDevice {
         };
 
         let mut requests = Vec::new();
+        let table = DescTable {
+            addr: GuestAddress(queue.desc_table()),
+            size: queue.size(),
+        };
         match queue.iter(&*mem) {
             Ok(chains) => {
                 for chain in chains {
-                    let parsed = parse_request(chain, mem);
+                    let parsed = parse_request(chain, mem, table);
                     if let Err(bad) = &parsed {
                         self.metrics.error(bad.kind);
                         warn_limited!(
@@ -319,16 +323,53 @@ fn read_le32(mem: &GuestMemoryMmap, bufs: &[(GuestAddress, usize)]) -> Option<u3
     (done == REQ_LEN).then_some(u32::from_le_bytes(bytes))
 }
 
+/// The queue's descriptor table, read directly for what the chain iterator
+/// hides: virtio-queue follows indirect descriptors on its own, but this
+/// device does not offer VIRTIO_RING_F_INDIRECT_DESC, so a chain using one
+/// is refused before it is walked.
+#[derive(Clone, Copy)]
+struct DescTable {
+    addr: GuestAddress,
+    size: u16,
+}
+
+impl DescTable {
+    fn chain_has_indirect(self, mem: &GuestMemoryMmap, head: u16) -> bool {
+        let mut index = head;
+        for _ in 0..MAX_CHAIN_DESCS.min(usize::from(self.size)) {
+            let Some(addr) = self.addr.checked_add(u64::from(index) * 16) else {
+                return false;
+            };
+            // Unreadable descriptors are the iterator's to report.
+            let Ok(desc) = mem.read_obj::<virtio_queue::desc::split::Descriptor>(addr) else {
+                return false;
+            };
+            if desc.refers_to_indirect_table() {
+                return true;
+            }
+            if !desc.has_next() || desc.next() >= self.size {
+                return false;
+            }
+            index = desc.next();
+        }
+        false
+    }
+}
+
 /// Validates one chain. Makes no assumption about how the request and the
 /// status are split across descriptors (virtio 1.2, 2.7.4), only that all
 /// readable descriptors come first.
 fn parse_request(
     chain: DescriptorChain<&GuestMemoryMmap>,
     mem: &GuestMemoryMmap,
+    table: DescTable,
 ) -> Result<FlushRequest, BadRequest> {
     let popped_at = Instant::now();
     let head = chain.head_index();
     let bad = |kind, status| Err(BadRequest { head, kind, status });
+    if table.chain_has_indirect(mem, head) {
+        return bad(PmemErrorKind::IndirectDescriptor, None);
+    }
 
     let mut readable = Vec::new();
     let mut writable = Vec::new();
@@ -449,7 +490,9 @@ impl VirtioDevice for PmemDevice {
         if !queue.ready() {
             return Err(ActivateError::QueueNotReady { index: 0 });
         }
-        if !queue.is_valid(&mem) {
+        // virtio-queue treats an available ring at address 0 as never set
+        // up and would refuse every request on it: refuse the queue now.
+        if !queue.is_valid(&mem) || queue.avail_ring() == 0 {
             return Err(ActivateError::QueueInvalid { index: 0 });
         }
         self.active = Some(Active {
@@ -474,7 +517,9 @@ pub(crate) mod tests {
     use std::io;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Mutex;
-    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_bindings::bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
 
     pub(crate) const DESC: u64 = 0x0;
     pub(crate) const AVAIL: u64 = 0x1000;
@@ -896,6 +941,60 @@ pub(crate) mod tests {
         assert_eq!(f.drv.used(1), (2, 0));
         assert_eq!(f.drv.status(0), u32::MAX);
         f.only_error(PmemErrorKind::DescriptorLoop, 2);
+    }
+
+    #[test]
+    fn indirect_descriptors_are_refused() {
+        let mut f = fixture();
+        // Head 0 points at an indirect table holding a well-formed flush.
+        let table = 0x30000;
+        let (req, status) = (0x30100u64, 0x30110u64);
+        f.drv.mem.write_obj(0u32, GuestAddress(req)).unwrap();
+        f.drv.mem.write_obj(u32::MAX, GuestAddress(status)).unwrap();
+        for (i, (addr, flags, next)) in [(req, NEXT, 1u16), (status, WRITE, 0)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut raw = [0u8; 16];
+            raw[..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&4u32.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..].copy_from_slice(&next.to_le_bytes());
+            f.drv
+                .mem
+                .write_slice(&raw, GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        f.drv.desc(0, table, 32, VRING_DESC_F_INDIRECT as u16, 0);
+        f.drv.publish(0);
+        // A good request after it is still served.
+        f.drv.request(2, VIRTIO_PMEM_REQ_TYPE_FLUSH);
+        f.dev.process_queue();
+        assert_eq!(f.drv.used(0), (0, 0));
+        assert_eq!(
+            f.drv.u32_at(status),
+            u32::MAX,
+            "the indirect status was written"
+        );
+        assert_eq!(f.drv.status(2), VIRTIO_PMEM_RESP_OK);
+        assert_eq!(f.calls(), 1);
+        f.only_error(PmemErrorKind::IndirectDescriptor, 1);
+    }
+
+    #[test]
+    fn avail_ring_at_zero_is_refused() {
+        let mut dev = device(FakeWriteback::default());
+        let drv = Driver::new();
+        let irq: Arc<dyn Interrupt> = Arc::new(CountingIrq::default());
+        let mut q = drv.queue();
+        q.try_set_desc_table_address(GuestAddress(0x8000)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(0)).unwrap();
+        let e = dev.activate(
+            drv.mem.clone(),
+            vec![q],
+            Arc::new(VirtioInterrupt::new(irq)),
+        );
+        assert!(matches!(e, Err(ActivateError::QueueInvalid { index: 0 })));
     }
 
     #[test]

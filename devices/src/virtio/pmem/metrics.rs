@@ -23,6 +23,8 @@ pub enum PmemErrorKind {
     DescriptorLoop,
     /// More descriptors than any pmem request needs.
     ChainTooLong,
+    /// An indirect descriptor, which the device does not offer.
+    IndirectDescriptor,
     /// The chain ends early: bad head or next index, unreadable descriptor.
     ChainBroken,
     /// Request not device-readable, status not device-writable, or a
@@ -41,12 +43,13 @@ pub enum PmemErrorKind {
 }
 
 impl PmemErrorKind {
-    pub const ALL: [PmemErrorKind; 12] = [
+    pub const ALL: [PmemErrorKind; 13] = [
         Self::QueueNotReady,
         Self::BadAvailRing,
         Self::DescriptorOutOfBounds,
         Self::DescriptorLoop,
         Self::ChainTooLong,
+        Self::IndirectDescriptor,
         Self::ChainBroken,
         Self::WrongDirection,
         Self::WrongLength,
@@ -64,6 +67,7 @@ impl PmemErrorKind {
             Self::DescriptorOutOfBounds => "descriptor_out_of_bounds",
             Self::DescriptorLoop => "descriptor_loop",
             Self::ChainTooLong => "chain_too_long",
+            Self::IndirectDescriptor => "indirect_descriptor",
             Self::ChainBroken => "chain_broken",
             Self::WrongDirection => "wrong_direction",
             Self::WrongLength => "wrong_length",
