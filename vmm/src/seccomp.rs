@@ -73,6 +73,10 @@ impl ThreadKind {
                 libc::SYS_fsync,
                 libc::SYS_sync_file_range,
                 libc::SYS_ioctl,
+                // The truncation check before each writeback.
+                libc::SYS_statx,
+                libc::SYS_fstat,
+                libc::SYS_newfstatat,
             ],
             // userfaultfd: read events, copy pages in, reserve blocks.
             Self::FaultServicer => vec![
