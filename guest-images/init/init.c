@@ -4,16 +4,20 @@
 // The mode comes from the kernel command line: pmemvm_mode=NAME (default
 // "demo"). Each mode prints "pmemvm-init: <mode> ok" or "... FAILED: why",
 // then writes its status byte to the exit port, which ends pmemvm with it.
+// Modes: demo, exit=N, dax, crash, reboot (see mode_dax and friends).
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 // Must match vmm::EXIT_PORT in pmemvm.
@@ -108,6 +112,337 @@ static int mode_demo(void)
 	return 0;
 }
 
+// ---------------------------------------------------------------------------
+// DAX modes. The host (tests/e2e.rs) knows the file names and contents below
+// and checks them in the disk images after the VM ends: keep both in step.
+
+#ifndef STATX_ATTR_DAX
+#define STATX_ATTR_DAX 0x00200000
+#endif
+
+static int failures;
+
+// Prints "pmemvm-init: check NAME ok" or "... FAILED: why" and counts failures.
+static int check(const char *dev, const char *name, int ok, const char *fmt, ...)
+{
+	if (ok) {
+		say("pmemvm-init: check %s:%s ok", dev, name);
+		return 1;
+	}
+	char why[256];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(why, sizeof(why), fmt, ap);
+	va_end(ap);
+	say("pmemvm-init: check %s:%s FAILED: %s", dev, name, why);
+	failures++;
+	return 0;
+}
+
+// Reads up to len-1 bytes of path into buf, NUL-terminated; -1 on error.
+static ssize_t read_file(const char *path, char *buf, size_t len)
+{
+	int fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return -1;
+	size_t got = 0;
+	while (got < len - 1) {
+		ssize_t n = read(fd, buf + got, len - 1 - got);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			if (n < 0) {
+				int e = errno;
+				close(fd);
+				errno = e;
+				return -1;
+			}
+			break;
+		}
+		got += n;
+	}
+	close(fd);
+	buf[got] = 0;
+	return got;
+}
+
+// Does the comma-separated option list `opts` hold exactly `opt`?
+static int has_option(const char *opts, const char *opt)
+{
+	size_t len = strlen(opt);
+	for (const char *p = opts; *p;) {
+		size_t n = strcspn(p, ",");
+		if (n == len && !strncmp(p, opt, len))
+			return 1;
+		p += n;
+		if (*p)
+			p++;
+	}
+	return 0;
+}
+
+// Checks the /proc/mounts line of mountpoint `mnt`: type `fs`, rw or ro,
+// and dax=always (ext4 and xfs in 6.1 both print that for -o dax; xfs
+// silently falls back to dax=never when the device cannot do DAX).
+static void check_proc_mounts(const char *dev, const char *mnt, const char *fs, int ro)
+{
+	static char buf[8192];
+	if (read_file("/proc/mounts", buf, sizeof(buf)) < 0) {
+		check(dev, "proc-mounts-dax", 0, "read /proc/mounts: %s", strerror(errno));
+		return;
+	}
+	for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
+		char src[128], dir[128], type[32], opts[512];
+		if (sscanf(line, "%127s %127s %31s %511s", src, dir, type, opts) != 4 || strcmp(dir, mnt))
+			continue;
+		int ok = !strcmp(type, fs) && has_option(opts, ro ? "ro" : "rw") &&
+			 has_option(opts, "dax=always");
+		check(dev, "proc-mounts-dax", ok, "want %s %s,dax=always, got '%s'", fs,
+		      ro ? "ro" : "rw", line);
+		return;
+	}
+	check(dev, "proc-mounts-dax", 0, "%s not in /proc/mounts", mnt);
+}
+
+static void check_queue_dax(const char *dev)
+{
+	char path[96], val[16];
+	snprintf(path, sizeof(path), "/sys/block/%s/queue/dax", dev);
+	if (read_file(path, val, sizeof(val)) < 0)
+		check(dev, "queue-dax", 0, "read %s: %s", path, strerror(errno));
+	else
+		check(dev, "queue-dax", !strcmp(val, "1\n"), "%s is '%.4s'", path, val);
+}
+
+// Is the open file served by DAX? statx() reports STATX_ATTR_DAX (5.8+).
+// Raw syscall: musl 1.2.3 has no statx() wrapper. Layout per linux/stat.h.
+static void check_statx_dax(const char *dev, const char *name, const char *path)
+{
+	union {
+		unsigned char raw[256];
+		struct {
+			uint32_t mask, blksize;
+			uint64_t attributes;
+			uint32_t nlink, uid, gid;
+			uint16_t mode, spare;
+			uint64_t ino, size, blocks, attributes_mask;
+		} s;
+	} stx;
+	memset(&stx, 0, sizeof(stx));
+	if (syscall(SYS_statx, AT_FDCWD, path, 0, 0x7ff /* STATX_BASIC_STATS */, &stx)) {
+		check(dev, name, 0, "statx %s: %s", path, strerror(errno));
+		return;
+	}
+	check(dev, name, (stx.s.attributes & STATX_ATTR_DAX) != 0,
+	      "%s: STATX_ATTR_DAX not set (attributes %#llx, mask %#llx)", path,
+	      (unsigned long long)stx.s.attributes, (unsigned long long)stx.s.attributes_mask);
+}
+
+// Writes `data` to a new file `path` with write(); returns the open fd.
+static int write_new(const char *path, const char *data)
+{
+	int fd = open(path, O_CREAT | O_TRUNC | O_RDWR, 0644);
+	if (fd < 0)
+		return -1;
+	size_t len = strlen(data);
+	if (write(fd, data, len) != (ssize_t)len) {
+		int e = errno ? errno : EIO;
+		close(fd);
+		errno = e;
+		return -1;
+	}
+	return fd;
+}
+
+// Writes `data` to a new file `path` through a MAP_SHARED mapping (on a DAX
+// mount: straight into the pmem region); returns the open fd.
+static int mmap_new(const char *path, const char *data)
+{
+	size_t len = strlen(data);
+	int fd = open(path, O_CREAT | O_TRUNC | O_RDWR, 0644);
+	if (fd < 0)
+		return -1;
+	void *p = MAP_FAILED;
+	if (ftruncate(fd, len) == 0)
+		p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (p == MAP_FAILED) {
+		int e = errno;
+		close(fd);
+		errno = e;
+		return -1;
+	}
+	memcpy(p, data, len);
+	munmap(p, len);
+	return fd;
+}
+
+// "FS:DEV" or "ro-FS:DEV", FS one of ext4, xfs.
+struct dax_spec {
+	char fs[8];
+	char dev[32];
+	char mnt[48];
+	int ro;
+	int mounted;
+};
+
+static int parse_spec(const char *s, struct dax_spec *d)
+{
+	memset(d, 0, sizeof(*d));
+	if (!strncmp(s, "ro-", 3)) {
+		d->ro = 1;
+		s += 3;
+	}
+	const char *colon = strchr(s, ':');
+	if (!colon || colon - s >= (long)sizeof(d->fs) || !colon[1] ||
+	    strlen(colon + 1) >= sizeof(d->dev) || strchr(colon + 1, '/'))
+		return -1;
+	memcpy(d->fs, s, colon - s);
+	strcpy(d->dev, colon + 1);
+	if (strcmp(d->fs, "ext4") && strcmp(d->fs, "xfs"))
+		return -1;
+	snprintf(d->mnt, sizeof(d->mnt), "/mnt/%s", d->dev);
+	return 0;
+}
+
+static int mount_dax(const struct dax_spec *d)
+{
+	char src[48];
+	snprintf(src, sizeof(src), "/dev/%s", d->dev);
+	if (mkdir(d->mnt, 0755) && errno != EEXIST)
+		return check(d->dev, "mount", 0, "mkdir %s: %s", d->mnt, strerror(errno));
+	int rc = mount(src, d->mnt, d->fs, d->ro ? MS_RDONLY : 0, "dax");
+	return check(d->dev, "mount", rc == 0, "mount -t %s -o %sdax %s %s: %s", d->fs,
+		     d->ro ? "ro," : "", src, d->mnt, strerror(errno));
+}
+
+// Reads `path` back and compares it with `want`.
+static void check_content(const char *dev, const char *name, const char *path, const char *want)
+{
+	char got[256];
+	if (read_file(path, got, sizeof(got)) < 0)
+		check(dev, name, 0, "read %s: %s", path, strerror(errno));
+	else
+		check(dev, name, !strcmp(got, want), "%s holds '%.64s', want '%s'", path, got,
+		      want);
+}
+
+static void dax_writable(const struct dax_spec *d)
+{
+	char hello[96], mapped[96], want_hello[96], want_mapped[96];
+	snprintf(hello, sizeof(hello), "%s/hello.txt", d->mnt);
+	snprintf(mapped, sizeof(mapped), "%s/mmap.txt", d->mnt);
+	snprintf(want_hello, sizeof(want_hello), "pmemvm dax write %s\n", d->dev);
+	snprintf(want_mapped, sizeof(want_mapped), "pmemvm dax mmap %s\n", d->dev);
+
+	int fd1 = write_new(hello, want_hello);
+	check(d->dev, "write", fd1 >= 0, "%s: %s", hello, strerror(errno));
+	int fd2 = mmap_new(mapped, want_mapped);
+	check(d->dev, "mmap-write", fd2 >= 0, "%s: %s", mapped, strerror(errno));
+	if (fd1 >= 0) {
+		check(d->dev, "fsync-write", fsync(fd1) == 0, "%s: %s", hello, strerror(errno));
+		close(fd1);
+	}
+	if (fd2 >= 0) {
+		check(d->dev, "fsync-mmap", fsync(fd2) == 0, "%s: %s", mapped, strerror(errno));
+		close(fd2);
+	}
+	say("pmemvm-init: fsync returned %s", d->dev);
+	check_content(d->dev, "readback-write", hello, want_hello);
+	check_content(d->dev, "readback-mmap", mapped, want_mapped);
+	check_statx_dax(d->dev, "statx-dax", mapped);
+}
+
+static void dax_readonly(const struct dax_spec *d)
+{
+	char path[96], want[96];
+	snprintf(path, sizeof(path), "%s/ro.txt", d->mnt);
+	snprintf(want, sizeof(want), "pmemvm readonly %s\n", d->dev);
+	check_content(d->dev, "ro-content", path, want);
+	check_statx_dax(d->dev, "statx-dax", path);
+	snprintf(path, sizeof(path), "%s/new.txt", d->mnt);
+	int fd = open(path, O_CREAT | O_WRONLY, 0644);
+	check(d->dev, "ro-write-erofs", fd < 0 && errno == EROFS, "open %s for writing: %s",
+	      path, fd < 0 ? strerror(errno) : "succeeded");
+	if (fd >= 0)
+		close(fd);
+}
+
+// pmemvm_mode=dax pmemvm_dax=SPEC[,SPEC...]: mounts each device with -o dax,
+// checks that DAX is really on, writes and reads back (writable) or reads the
+// host's ro.txt and expects EROFS (ro-), then unmounts, which leaves clean
+// file systems for the host to inspect.
+static int mode_dax(void)
+{
+	char list[256];
+	if (!cmdline_value("pmemvm_dax", list, sizeof(list))) {
+		say("pmemvm-init: dax: no pmemvm_dax=FS:DEV[,...] on the command line");
+		return 2;
+	}
+	struct dax_spec specs[8];
+	int n = 0;
+	for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
+		if (n == 8 || parse_spec(tok, &specs[n])) {
+			say("pmemvm-init: dax: bad spec '%s' (want [ro-]ext4|xfs:DEV, at most 8)",
+			    tok);
+			return 2;
+		}
+		n++;
+	}
+	for (int i = 0; i < n; i++) {
+		struct dax_spec *d = &specs[i];
+		d->mounted = mount_dax(d);
+		if (!d->mounted)
+			continue;
+		check_proc_mounts(d->dev, d->mnt, d->fs, d->ro);
+		check_queue_dax(d->dev);
+		if (d->ro)
+			dax_readonly(d);
+		else
+			dax_writable(d);
+	}
+	for (int i = 0; i < n; i++) {
+		if (specs[i].mounted)
+			check(specs[i].dev, "umount", umount(specs[i].mnt) == 0, "umount %s: %s",
+			      specs[i].mnt, strerror(errno));
+	}
+	return failures ? 1 : 0;
+}
+
+// pmemvm_mode=crash pmemvm_dax=FS:DEV: writes crash.txt through a DAX
+// mapping, fsyncs it, says so and waits to be killed.
+static int mode_crash(void)
+{
+	char spec[64];
+	struct dax_spec d;
+	if (!cmdline_value("pmemvm_dax", spec, sizeof(spec)) || parse_spec(spec, &d) || d.ro) {
+		say("pmemvm-init: crash: want pmemvm_dax=ext4|xfs:DEV on the command line");
+		return 2;
+	}
+	if (!mount_dax(&d))
+		return 1;
+	char path[96], want[96];
+	snprintf(path, sizeof(path), "%s/crash.txt", d.mnt);
+	snprintf(want, sizeof(want), "pmemvm crash %s\n", d.dev);
+	int fd = mmap_new(path, want);
+	if (!check(d.dev, "mmap-write", fd >= 0, "%s: %s", path, strerror(errno)))
+		return 1;
+	if (!check(d.dev, "fsync-mmap", fsync(fd) == 0, "%s: %s", path, strerror(errno)))
+		return 1;
+	say("pmemvm-init: fsync returned crash");
+	for (;;)
+		pause();
+}
+
+// pmemvm_mode=reboot: a guest-initiated reboot, which pmemvm ends with 0.
+static int mode_reboot(void)
+{
+	say("pmemvm-init: rebooting");
+	sync();
+	reboot(RB_AUTOBOOT);
+	say("pmemvm-init: reboot: %s", strerror(errno));
+	return 1;
+}
+
 struct mode {
 	const char *name;
 	int (*run)(void);
@@ -115,6 +450,9 @@ struct mode {
 
 static const struct mode modes[] = {
 	{ "demo", mode_demo },
+	{ "dax", mode_dax },
+	{ "crash", mode_crash },
+	{ "reboot", mode_reboot },
 };
 
 int main(void)
