@@ -23,6 +23,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use crate::cmdline::MmioDeviceSpec;
 use crate::fault::dirty_log::{DirtyLog, DirtyLogError};
 use crate::fault::uffd::UffdEngine;
+use crate::fault::write_through::PmemWriteThrough;
 use crate::fault::{DirtyLogWriteback, EngineShared, FaultStats};
 use crate::layout::{self, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE};
 use crate::vm::IrqLine;
@@ -273,6 +274,15 @@ pub fn attach(
         }
         mmio.insert(base, MMIO_SIZE, Arc::new(Mutex::new(transport)))
             .map_err(|e| wiring("MMIO bus", e.to_string()))?;
+        if is_tracked {
+            let dev = device.lock().unwrap_or_else(|p| p.into_inner());
+            let file = dev.backing().file().try_clone().map_err(engine_err)?;
+            let through =
+                PmemWriteThrough::new(file, path.clone(), region.memory_size, shared.clone());
+            drop(dev);
+            mmio.insert(start, region.memory_size, Arc::new(Mutex::new(through)))
+                .map_err(|e| wiring("MMIO bus", e.to_string()))?;
+        }
         if readonly {
             let sink = ReadonlyRegion::new(&device.lock().unwrap_or_else(|p| p.into_inner()))
                 .map_err(|e| wiring("read-only region", e.to_string()))?;

@@ -58,7 +58,14 @@ impl ThreadKind {
         calls.extend(match self {
             // KVM_RUN and the exits it serves: device registers, irqfd and
             // ioeventfd writes, dirty-ring drains, state dumps.
-            Self::Vcpu => vec![libc::SYS_ioctl, libc::SYS_read],
+            // pread/pwrite: emulated pmem accesses the host could not map
+            // are served from the file (read-only and write-through regions).
+            Self::Vcpu => vec![
+                libc::SYS_ioctl,
+                libc::SYS_read,
+                libc::SYS_pread64,
+                libc::SYS_pwrite64,
+            ],
             // Flushes: eventfds, epoll, the writeback I/O, dirty-log
             // harvests and uffd write-protection (both ioctls).
             Self::DeviceEvents => vec![

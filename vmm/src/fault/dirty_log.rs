@@ -24,6 +24,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::{EngineShared, PAGE_SIZE};
+use crate::host::HostKind;
 
 /// Entries per vCPU ring: 1 MiB of ring, 256 MiB of first writes between
 /// harvests. A full ring forces a harvest, which re-protects every logged
@@ -92,7 +93,11 @@ unsafe impl Sync for DirtyLog {}
 
 impl DirtyLog {
     /// Picks the ring if KVM has one (and enables it: this must happen
-    /// before any vCPU exists), else the bitmap.
+    /// before any vCPU exists), else the bitmap. Nested shadow-paging hosts
+    /// get the bitmap: their emulator of guest-kernel code logs one ring
+    /// entry per emulated store, overruns the ring past its soft limit, and
+    /// the vCPU then spins in ring-full exits with nothing left to harvest
+    /// (seen mounting xfs).
     pub fn new(vm: &VmFd) -> Result<Self, DirtyLogError> {
         // SAFETY: dup of a valid fd; the new fd is owned by the File.
         let dup = unsafe { libc::fcntl(vm.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
@@ -101,7 +106,12 @@ impl DirtyLog {
         }
         // SAFETY: `dup` is a fresh fd nobody else owns.
         let file = unsafe { File::from_raw_fd(dup) };
-        let mode = Self::enable_ring(vm)?.map_or(Mode::Bitmap, |bytes| Mode::Ring {
+        let ring = if HostKind::detect() == HostKind::NestedShadow {
+            None
+        } else {
+            Self::enable_ring(vm)?
+        };
+        let mode = ring.map_or(Mode::Bitmap, |bytes| Mode::Ring {
             bytes,
             rings: Vec::new(),
         });

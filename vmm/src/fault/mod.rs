@@ -12,6 +12,7 @@ pub mod dirty_log;
 pub mod metrics;
 pub mod pages;
 pub mod uffd;
+pub mod write_through;
 
 use std::fs::File;
 use std::io;
