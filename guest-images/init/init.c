@@ -18,6 +18,7 @@
 #include <sys/reboot.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 // Must match vmm::EXIT_PORT in pmemvm.
@@ -443,6 +444,148 @@ static int mode_reboot(void)
 	return 1;
 }
 
+// ---------------------------------------------------------------------------
+// Raw-device modes for the fault engines: O_DIRECT writes to /dev/pmemN touch
+// exactly the pages written, so the host can count what each flush writes
+// back. tests/e2e.rs knows the offsets and contents below.
+
+#define RAW_PAGE 4096
+// Pages written first (stride 7 from page 10), then page 17 again.
+static const int raw_pages[] = { 10, 17, 24, 31, 38 };
+
+static int raw_write(int fd, int page, const char *dev, const char *what)
+{
+	static char buf[RAW_PAGE] __attribute__((aligned(RAW_PAGE)));
+	int n = snprintf(buf, sizeof(buf), "pmemvm raw %s page %d %s\n", dev, page, what);
+	memset(buf + n, '.', sizeof(buf) - n);
+	return pwrite(fd, buf, RAW_PAGE, (off_t)page * RAW_PAGE) == RAW_PAGE ? 0 : -1;
+}
+
+// K pages, fsync, fsync with nothing dirty, one page again, fsync.
+static int raw_device(const char *dev)
+{
+	char path[64];
+	snprintf(path, sizeof(path), "/dev/%s", dev);
+	int fd = open(path, O_RDWR | O_DIRECT);
+	if (fd < 0) {
+		say("pmemvm-init: raw %s: open: %s", dev, strerror(errno));
+		return 1;
+	}
+	int bad = 0;
+	for (size_t i = 0; i < sizeof(raw_pages) / sizeof(raw_pages[0]); i++)
+		bad |= raw_write(fd, raw_pages[i], dev, "first");
+	bad |= fsync(fd);
+	bad |= fsync(fd);
+	bad |= raw_write(fd, 17, dev, "again");
+	bad |= fsync(fd);
+	close(fd);
+	if (bad)
+		say("pmemvm-init: raw %s FAILED: %s", dev, strerror(errno));
+	else
+		say("pmemvm-init: raw %s ok", dev);
+	return bad ? 1 : 0;
+}
+
+// Two writers race on the same 8 pages, each on its own 512-byte sector,
+// each fsyncing after every round, so flushes run while the other writes.
+#define STRESS_PAGES 8
+#define STRESS_ROUNDS 40
+
+static int stress_writer(const char *dev, int who)
+{
+	char path[64];
+	snprintf(path, sizeof(path), "/dev/%s", dev);
+	int fd = open(path, O_RDWR | O_DIRECT);
+	if (fd < 0)
+		return 1;
+	static uint64_t sector[64] __attribute__((aligned(512)));
+	for (int round = 1; round <= STRESS_ROUNDS; round++) {
+		for (int p = 0; p < STRESS_PAGES; p++) {
+			sector[0] = 0x706d656d766d0000ull | (uint64_t)who << 8;
+			sector[1] = (uint64_t)round;
+			off_t at = (off_t)(100 + p) * RAW_PAGE + who * 512;
+			if (pwrite(fd, sector, 512, at) != 512)
+				return 1;
+		}
+		if (fsync(fd))
+			return 1;
+	}
+	close(fd);
+	return 0;
+}
+
+static int stress_device(const char *dev)
+{
+	pid_t kids[2];
+	for (int who = 0; who < 2; who++) {
+		kids[who] = fork();
+		if (kids[who] == 0)
+			_exit(stress_writer(dev, who));
+		if (kids[who] < 0)
+			return 1;
+	}
+	int bad = 0;
+	for (int who = 0; who < 2; who++) {
+		int st = 0;
+		if (waitpid(kids[who], &st, 0) < 0 || !WIFEXITED(st) || WEXITSTATUS(st))
+			bad = 1;
+	}
+	say("pmemvm-init: stress %s %s", dev, bad ? "FAILED" : "ok");
+	return bad;
+}
+
+// pmemvm_mode=raw pmemvm_raw=DEV[,DEV...] [pmemvm_stress=DEV[,DEV...]]: every
+// device runs in its own process, so that with several vCPUs the devices are
+// served at once (and, on a full host filesystem, all of them wait at once).
+static int mode_raw(void)
+{
+	char raw[256] = "", stress[256] = "", go[32] = "";
+	cmdline_value("pmemvm_raw", raw, sizeof(raw));
+	cmdline_value("pmemvm_stress", stress, sizeof(stress));
+	// pmemvm_go=DEV: wait until the host writes "pmemvm-go" into page 0 of
+	// DEV's file, so that it can fill its filesystem first.
+	if (cmdline_value("pmemvm_go", go, sizeof(go))) {
+		char path[64];
+		static char buf[RAW_PAGE] __attribute__((aligned(RAW_PAGE)));
+		snprintf(path, sizeof(path), "/dev/%s", go);
+		int fd = open(path, O_RDONLY | O_DIRECT);
+		if (fd < 0) {
+			say("pmemvm-init: raw: open %s: %s", path, strerror(errno));
+			return 1;
+		}
+		say("pmemvm-init: raw waiting for go on %s", go);
+		while (pread(fd, buf, RAW_PAGE, 0) == RAW_PAGE && memcmp(buf, "pmemvm-go", 9))
+			usleep(100 * 1000);
+		close(fd);
+		say("pmemvm-init: raw go");
+	}
+	pid_t kids[16];
+	int n = 0;
+	char *lists[2] = { raw, stress };
+	for (int l = 0; l < 2; l++) {
+		for (char *save = NULL, *dev = strtok_r(lists[l], ",", &save); dev && n < 16;
+		     dev = strtok_r(NULL, ",", &save)) {
+			kids[n] = fork();
+			if (kids[n] == 0)
+				_exit(l == 0 ? raw_device(dev) : stress_device(dev));
+			if (kids[n] < 0)
+				return 1;
+			n++;
+		}
+	}
+	if (n == 0) {
+		say("pmemvm-init: raw: want pmemvm_raw=DEV[,...] or pmemvm_stress=DEV[,...]");
+		return 1;
+	}
+	int bad = 0;
+	for (int i = 0; i < n; i++) {
+		int st = 0;
+		if (waitpid(kids[i], &st, 0) < 0 || !WIFEXITED(st) || WEXITSTATUS(st))
+			bad = 1;
+	}
+	return bad;
+}
+
 struct mode {
 	const char *name;
 	int (*run)(void);
@@ -453,6 +596,7 @@ static const struct mode modes[] = {
 	{ "dax", mode_dax },
 	{ "crash", mode_crash },
 	{ "reboot", mode_reboot },
+	{ "raw", mode_raw },
 };
 
 int main(void)

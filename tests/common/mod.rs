@@ -256,6 +256,20 @@ impl Vm {
         }
     }
 
+    /// Waits until every needle has appeared on a console line, in any
+    /// order; panics like [`Vm::wait_for`].
+    pub fn wait_for_all(&mut self, needles: &[&str]) {
+        let mut left: Vec<&str> = needles
+            .iter()
+            .copied()
+            .filter(|n| !self.output.contains(n))
+            .collect();
+        while let Some(&first) = left.first() {
+            self.wait_for(first);
+            left.retain(|n| !self.output.contains(n));
+        }
+    }
+
     /// Sends SIGKILL now.
     pub fn kill(&mut self) {
         self.child.kill().expect("SIGKILL pmemvm");
