@@ -28,7 +28,9 @@ done
 [ -f "$src_tar" ] || die "missing $src_tar: install the Debian package '$src_pkg'"
 
 src_ver=$(dpkg-query -W -f='${Version}' "$src_pkg" 2>/dev/null || echo unknown)
-hash_of() { sha256sum "$@" | sha256sum | cut -c1-16; }
+# Contents only: sha256sum's own output names each file by its path, which
+# would make every checkout (CI clones, worktrees) miss the cache.
+hash_of() { for f in "$@"; do sha256sum < "$f"; done | sha256sum | cut -c1-16; }
 
 # --- kernel -----------------------------------------------------------------
 kernel_key=$( { echo "$src_ver"; hash_of "$here/kernel.config" "$here"/patches/*.patch "$here/build.sh"; } | sha256sum | cut -c1-16)
