@@ -71,9 +71,8 @@ fn every_available_engine_returns_one_sample_per_page() {
     ];
     let mut ran = 0;
     for engine in ENGINES {
-        let run = match run(&mut dir, engine, 512, &steps) {
-            r => r.unwrap_or_else(|e| panic!("engine {}: {e}", engine.name())),
-        };
+        let run = run(&mut dir, engine, 512, &steps)
+            .unwrap_or_else(|e| panic!("engine {}: {e}", engine.name()));
         ran += 1;
         assert_eq!(run.steps.len(), steps.len());
         for (result, spec) in run.steps.iter().zip(&steps) {
