@@ -586,6 +586,35 @@ static int mode_raw(void)
 	return bad;
 }
 
+// pmemvm_mode=acks pmemvm_raw=DEV: write, fsync, acknowledge, forever, until
+// the host kills pmemvm. Sequence number N goes to page 10 + N % 64 of DEV;
+// "pmemvm-init: ack N" means N is durable.
+static int mode_acks(void)
+{
+	char dev[32], path[64];
+	static char buf[RAW_PAGE] __attribute__((aligned(RAW_PAGE)));
+	if (!cmdline_value("pmemvm_raw", dev, sizeof(dev))) {
+		say("pmemvm-init: acks: want pmemvm_raw=DEV");
+		return 1;
+	}
+	snprintf(path, sizeof(path), "/dev/%s", dev);
+	int fd = open(path, O_RDWR | O_DIRECT);
+	if (fd < 0) {
+		say("pmemvm-init: acks: open %s: %s", path, strerror(errno));
+		return 1;
+	}
+	for (unsigned long seq = 1;; seq++) {
+		memset(buf, 0, sizeof(buf));
+		snprintf(buf, sizeof(buf), "pmemvm ack %lu\n", seq);
+		if (pwrite(fd, buf, RAW_PAGE, (off_t)(10 + seq % 64) * RAW_PAGE) != RAW_PAGE ||
+		    fsync(fd)) {
+			say("pmemvm-init: acks: seq %lu: %s", seq, strerror(errno));
+			return 1;
+		}
+		say("pmemvm-init: ack %lu", seq);
+	}
+}
+
 struct mode {
 	const char *name;
 	int (*run)(void);
@@ -597,6 +626,7 @@ static const struct mode modes[] = {
 	{ "crash", mode_crash },
 	{ "reboot", mode_reboot },
 	{ "raw", mode_raw },
+	{ "acks", mode_acks },
 };
 
 int main(void)
