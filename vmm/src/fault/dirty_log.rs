@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use kvm_bindings::{
     kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
     KVM_DIRTY_LOG_PAGE_OFFSET,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -62,8 +63,16 @@ impl Drop for Ring {
 }
 
 enum Mode {
-    Ring { bytes: u32, rings: Vec<Ring> },
-    Bitmap,
+    Ring {
+        bytes: u32,
+        rings: Vec<Ring>,
+    },
+    /// `manual`: KVM_GET_DIRTY_LOG only reads, and KVM_CLEAR_DIRTY_LOG
+    /// re-protects just the pages found dirty (MANUAL_DIRTY_LOG_PROTECT2),
+    /// instead of a whole-slot write-protect walk on every harvest.
+    Bitmap {
+        manual: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,15 +120,32 @@ impl DirtyLog {
         } else {
             Self::enable_ring(vm)?
         };
-        let mode = ring.map_or(Mode::Bitmap, |bytes| Mode::Ring {
-            bytes,
-            rings: Vec::new(),
-        });
+        let mode = match ring {
+            Some(bytes) => Mode::Ring {
+                bytes,
+                rings: Vec::new(),
+            },
+            None => Mode::Bitmap {
+                manual: Self::enable_manual_protect(vm),
+            },
+        };
         Ok(Self {
             vm: file,
             slots: RwLock::new(Vec::new()),
             mode: Mutex::new(mode),
         })
+    }
+
+    fn enable_manual_protect(vm: &VmFd) -> bool {
+        if vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into()) <= 0 {
+            return false;
+        }
+        let mut enable = kvm_enable_cap {
+            cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            ..Default::default()
+        };
+        enable.args[0] = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
+        vm.enable_cap(&enable).is_ok()
     }
 
     fn enable_ring(vm: &VmFd) -> Result<Option<u32>, DirtyLogError> {
@@ -150,7 +176,8 @@ impl DirtyLog {
     pub fn kind(&self) -> &'static str {
         match *self.lock() {
             Mode::Ring { .. } => "dirty ring",
-            Mode::Bitmap => "dirty bitmap",
+            Mode::Bitmap { manual: true } => "dirty bitmap (manual protect)",
+            Mode::Bitmap { manual: false } => "dirty bitmap",
         }
     }
 
@@ -239,7 +266,7 @@ impl DirtyLog {
                 reset_rings(&self.vm)?;
                 Ok(found)
             }
-            Mode::Bitmap => self.harvest_bitmaps(),
+            Mode::Bitmap { manual } => self.harvest_bitmaps(*manual),
         }
     }
 }
@@ -274,10 +301,15 @@ fn route(slots: &[TrackedSlot], slot: u32, page: u64) {
 }
 
 impl DirtyLog {
-    fn harvest_bitmaps(&self) -> io::Result<u64> {
+    fn harvest_bitmaps(&self, manual: bool) -> io::Result<u64> {
         let mut found = 0;
         for t in self.slots().iter() {
-            let bitmap = get_dirty_log(&self.vm, t.slot, t.size)?;
+            let mut bitmap = get_dirty_log(&self.vm, t.slot, t.size)?;
+            // Re-arm before anyone copies data out: a write after this is
+            // logged for the next harvest, one before it is in the page.
+            if manual && bitmap.iter().any(|&w| w != 0) {
+                clear_dirty_log(&self.vm, t.slot, t.size, &mut bitmap)?;
+            }
             let mut states = t.shared.states();
             for (w, &word) in bitmap.iter().enumerate() {
                 let mut bits = word;
@@ -291,6 +323,28 @@ impl DirtyLog {
         }
         Ok(found)
     }
+}
+
+/// KVM_CLEAR_DIRTY_LOG over the whole slot with the bits just fetched:
+/// exactly those pages are write-protected again.
+fn clear_dirty_log(vm: &File, slot: u32, size: u64, bitmap: &mut [u64]) -> io::Result<()> {
+    let mut clear = kvm_bindings::kvm_clear_dirty_log {
+        slot,
+        num_pages: u32::try_from(size / PAGE_SIZE)
+            .map_err(|_| io::Error::other("memslot too large for KVM_CLEAR_DIRTY_LOG"))?,
+        first_page: 0,
+        ..Default::default()
+    };
+    clear.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
+    // _IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log), include/uapi/linux/kvm.h.
+    const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xc018_aec0;
+    // SAFETY: the bitmap holds one bit per page of the slot and outlives
+    // the call.
+    let rc = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &clear) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// KVM_RESET_DIRTY_RINGS, retried when a signal interrupts it.
