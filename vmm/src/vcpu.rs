@@ -14,6 +14,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::exit::{ExitSignal, RunEnd};
 use crate::fault::dirty_log::DirtyLog;
+use crate::fault::Backoff;
 
 /// What every vCPU thread shares.
 pub struct VcpuContext {
@@ -63,17 +64,14 @@ pub fn kick(handle: &JoinHandle<()>) {
 /// waits and retries rather than killing the guest.
 struct HostFaultWait {
     since: Option<std::time::Instant>,
-    backoff: std::time::Duration,
+    backoff: Backoff,
 }
 
 impl HostFaultWait {
-    const FIRST: std::time::Duration = std::time::Duration::from_millis(1);
-    const MAX: std::time::Duration = std::time::Duration::from_secs(1);
-
     fn new() -> Self {
         Self {
             since: None,
-            backoff: Self::FIRST,
+            backoff: Backoff::new(),
         }
     }
 
@@ -84,8 +82,7 @@ impl HostFaultWait {
                 "vCPU {id}: the host cannot provide a guest page (KVM_RUN: EFAULT); is the pmem file's filesystem full? waiting and retrying"
             );
         }
-        std::thread::sleep(self.backoff);
-        self.backoff = (self.backoff * 2).min(Self::MAX);
+        std::thread::sleep(self.backoff.next_delay());
     }
 
     fn progress(&mut self, id: u8) {
@@ -94,7 +91,7 @@ impl HostFaultWait {
                 "vCPU {id}: resumed after waiting {:?} for the host",
                 since.elapsed()
             );
-            self.backoff = Self::FIRST;
+            self.backoff.reset();
         }
     }
 }

@@ -24,6 +24,39 @@ use devices::virtio::pmem::{Writeback, WritebackReport};
 pub use metrics::{FaultMetrics, FaultStats};
 pub use pages::{Access, DirtySet, PageState, PageStates, Run, Transition, PAGE_SIZE};
 
+/// Waits between retries of something the host may give back (disk space,
+/// a page): 1 ms doubling to 1 s. Shared by every stall in the VMM.
+#[derive(Debug)]
+pub struct Backoff {
+    next: std::time::Duration,
+}
+
+impl Backoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(1);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+    pub fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    /// The delay to wait now; the one after is twice as long, up to 1 s.
+    pub fn next_delay(&mut self) -> std::time::Duration {
+        let now = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        now
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Largest single I/O of a writeback: 2 MiB.
 pub const MAX_RUN_PAGES: u64 = 512;
 
@@ -160,6 +193,15 @@ mod tests {
             .unwrap();
         f.set_len(len).unwrap();
         (path, f)
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_second_and_resets() {
+        let mut b = Backoff::new();
+        let ms: Vec<u128> = (0..12).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(ms, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next_delay().as_millis(), 1);
     }
 
     #[test]

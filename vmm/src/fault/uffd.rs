@@ -36,14 +36,12 @@ use std::time::{Duration, Instant};
 use devices::virtio::pmem::{Writeback, WritebackReport};
 
 use super::{
-    write_back, Access, DirtySet, EngineShared, PageState, PageStates, Run, Transition, PAGE_SIZE,
+    write_back, Access, Backoff, DirtySet, EngineShared, PageState, PageStates, Run, Transition,
+    PAGE_SIZE,
 };
 
 /// Largest `populate`: one 2 MiB block per fault.
 pub const MAX_POPULATE: u16 = 512;
-/// Back-off of a stalled fault (ENOSPC or an I/O error): 1 ms doubling to 1 s.
-const FIRST_STALL_DELAY: Duration = Duration::from_millis(1);
-const MAX_STALL_DELAY: Duration = Duration::from_secs(1);
 /// Messages read from the uffd per read(2).
 const MSG_BATCH: usize = 64;
 
@@ -676,7 +674,7 @@ impl Handler {
         let wp = msg.pf_flags & sys::UFFD_PAGEFAULT_FLAG_WP != 0;
         let write = msg.pf_flags & sys::UFFD_PAGEFAULT_FLAG_WRITE != 0 && !m.readonly;
 
-        let mut delay = FIRST_STALL_DELAY;
+        let mut backoff = Backoff::new();
         let mut stalled: Option<Instant> = None;
         loop {
             let result = if wp {
@@ -701,10 +699,9 @@ impl Handler {
                     ),
                 }
             }
-            if m.wait_stop(delay) {
+            if m.wait_stop(backoff.next_delay()) {
                 return Err(Stopped);
             }
-            delay = (delay * 2).min(MAX_STALL_DELAY);
         }
         if let Some(since) = stalled {
             log::info!(

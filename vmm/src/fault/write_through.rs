@@ -11,12 +11,12 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use devices::bus::BusDevice;
 use devices::ratelimit::LogLimiter;
 
-use super::{EngineShared, PAGE_SIZE};
+use super::{Backoff, EngineShared, PAGE_SIZE};
 
 pub struct PmemWriteThrough {
     file: File,
@@ -46,7 +46,7 @@ impl PmemWriteThrough {
     /// Retries `op` until it succeeds; ENOSPC (and any other error) waits
     /// with backoff, logged once per episode.
     fn retry(&self, what: &str, offset: u64, mut op: impl FnMut() -> io::Result<()>) {
-        let mut backoff = Duration::from_millis(1);
+        let mut backoff = Backoff::new();
         let mut since: Option<Instant> = None;
         loop {
             match op() {
@@ -60,8 +60,7 @@ impl PmemWriteThrough {
                             self.path
                         );
                     }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    std::thread::sleep(backoff.next_delay());
                 }
             }
         }
