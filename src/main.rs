@@ -100,6 +100,10 @@ struct BenchFlushArgs {
         value_name = "contiguous|scattered"
     )]
     layout: vmm::probe::FlushLayout,
+    /// The pmem region: bytes or K/M/G, a multiple of 2 MiB (default: the
+    /// least the dirty counts and layout need, at least 16 MiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    region: Option<u64>,
     /// Measured flushes per dirty count (after one warm-up round).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=200))]
     repeat: u32,
@@ -190,6 +194,7 @@ fn run_bench(what: BenchCommand) -> Result<(), vmm::probe::ProbeError> {
                 engines: a.common.engine,
                 dirty: a.dirty,
                 layout: a.layout,
+                region: a.region,
                 populate: a.common.populate,
                 backing: a.common.backing,
                 dir: a.common.dir,

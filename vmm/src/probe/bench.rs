@@ -771,13 +771,25 @@ impl FromStr for FlushLayout {
 }
 
 impl FlushLayout {
-    /// Region pages for dirty counts up to `max_dirty`.
-    pub fn region_pages(self, max_dirty: u64) -> u64 {
-        let pages = match self {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Contiguous => "contiguous",
+            Self::Scattered => "scattered",
+        }
+    }
+
+    /// The fewest region pages [`Self::write_step`] can place `max_dirty`
+    /// pages in (scattered pages are at least 2 apart).
+    pub fn min_region_pages(self, max_dirty: u64) -> u64 {
+        match self {
             Self::Contiguous => max_dirty,
             Self::Scattered => 2 * max_dirty,
-        };
-        pages.max(4096).div_ceil(512) * 512
+        }
+    }
+
+    /// Region pages for dirty counts up to `max_dirty`.
+    pub fn region_pages(self, max_dirty: u64) -> u64 {
+        self.min_region_pages(max_dirty).max(4096).div_ceil(512) * 512
     }
 
     /// The pages `dirty` writes touch, as a probe step.
@@ -801,11 +813,59 @@ pub struct FlushBenchConfig {
     pub engines: Vec<FaultEngineKind>,
     pub dirty: Vec<u64>,
     pub layout: FlushLayout,
+    /// The pmem region in bytes (a multiple of 2 MiB); by default the
+    /// least the dirty counts and layout need, at least 16 MiB.
+    pub region: Option<u64>,
     pub populate: Option<u16>,
     pub backing: BackingKind,
     pub dir: Option<PathBuf>,
     pub repeat: u32,
     pub progress: bool,
+}
+
+impl FlushBenchConfig {
+    /// The region in pages: `--region` checked against the dirty counts
+    /// and layout, or the default made from them.
+    fn region_pages(&self) -> Result<u64, ProbeError> {
+        let max_dirty = self.dirty.iter().copied().max().unwrap_or(0);
+        let Some(bytes) = self.region else {
+            return Ok(self.layout.region_pages(max_dirty));
+        };
+        const HUGE: u64 = 2 << 20;
+        if bytes == 0 || !bytes.is_multiple_of(HUGE) {
+            return Err(ProbeError::Config(format!(
+                "--region {bytes} bytes: must be a non-zero multiple of 2 MiB"
+            )));
+        }
+        let pages = bytes / super::paging::PAGE;
+        let need = self.layout.min_region_pages(max_dirty);
+        if pages < need {
+            return Err(ProbeError::Config(format!(
+                "--region {} MiB ({pages} pages) is too small for --dirty {max_dirty} \
+                 with layout {}: it needs at least {need} pages",
+                bytes >> 20,
+                self.layout.name()
+            )));
+        }
+        Ok(pages)
+    }
+}
+
+/// Checks that the probe VM's page tables can map `region_pages` next to
+/// the RAM that `samples` results need.
+fn check_region_fits(region_pages: u64, samples: u64) -> Result<(), ProbeError> {
+    let ram = super::vm::ram_for_samples(samples).max(super::paging::MIN_RAM);
+    let max = super::vm::max_region_pages(ram);
+    if region_pages > max {
+        return Err(ProbeError::Config(format!(
+            "a {} MiB region does not fit in the probe VM: its page tables \
+             (3 MiB, 4 KiB pages) map at most {} MiB of pmem next to {} MiB of RAM",
+            (region_pages * super::paging::PAGE) >> 20,
+            (max * super::paging::PAGE) >> 20,
+            ram >> 20
+        )));
+    }
+    Ok(())
 }
 
 impl Default for FlushBenchConfig {
@@ -818,6 +878,7 @@ impl Default for FlushBenchConfig {
             ],
             dirty: vec![0, 1, 64, 4096],
             layout: FlushLayout::Contiguous,
+            region: None,
             populate: None,
             backing: BackingKind::Ext4,
             dir: None,
@@ -909,9 +970,9 @@ pub fn run_flush(config: &FlushBenchConfig) -> Result<FlushBenchReport, ProbeErr
             "--repeat, --dirty and --engine must not be empty or zero".into(),
         ));
     }
-    let max_dirty = config.dirty.iter().copied().max().unwrap_or(0);
-    let region_pages = config.layout.region_pages(max_dirty);
+    let region_pages = config.region_pages()?;
     let (steps, tags) = flush_program(config, region_pages);
+    check_region_fits(region_pages, steps.iter().map(|s| s.count).sum())?;
     let steps_per_round = steps.len() / (config.repeat as usize + 1);
     let mut scratch = ScratchDir::new(config.backing, config.dir.as_deref())?;
     let mut skipped = Vec::new();
@@ -1058,12 +1119,10 @@ impl FlushBenchReport {
         let c = &self.config;
         let _ = writeln!(
             out,
-            "bench flush: layout {}, region {} pages, backing {}, {} measured round(s) after a warm-up",
-            match c.layout {
-                FlushLayout::Contiguous => "contiguous",
-                FlushLayout::Scattered => "scattered",
-            },
+            "bench flush: layout {}, region {} pages ({} MiB), backing {}, {} measured round(s) after a warm-up",
+            c.layout.name(),
             c.region_pages,
+            (c.region_pages * super::paging::PAGE) >> 20,
             c.backing.name(),
             c.repeat
         );
@@ -1160,6 +1219,68 @@ mod tests {
         assert_eq!(all[1] - all[0], 2);
         let c = FlushLayout::Contiguous.write_step(64, 4096).pages();
         assert_eq!(c, (0..64).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn flush_region_option_is_checked() {
+        let gib = |n: u64| n << 30;
+        let config = |dirty: Vec<u64>, layout, region| FlushBenchConfig {
+            dirty,
+            layout,
+            region,
+            ..Default::default()
+        };
+        // The default is unchanged: made from the dirty counts.
+        let c = config(vec![0, 1, 64, 4096], FlushLayout::Contiguous, None);
+        assert_eq!(c.region_pages().unwrap(), 4096);
+        let c = config(vec![8192], FlushLayout::Scattered, None);
+        assert_eq!(c.region_pages().unwrap(), 16384);
+        // 1 dirty page in 1 GiB.
+        let c = config(vec![1], FlushLayout::Contiguous, Some(gib(1)));
+        assert_eq!(c.region_pages().unwrap(), 262_144);
+        let c = config(vec![512], FlushLayout::Scattered, Some(4 << 20));
+        assert_eq!(c.region_pages().unwrap(), 1024);
+        // Not a multiple of 2 MiB, zero, too small for the dirty pages.
+        for (dirty, layout, region) in [
+            (1, FlushLayout::Contiguous, (2 << 20) + 4096),
+            (1, FlushLayout::Contiguous, 1 << 20),
+            (1, FlushLayout::Contiguous, 0),
+            (513, FlushLayout::Contiguous, 2 << 20),
+            (513, FlushLayout::Scattered, 4 << 20),
+        ] {
+            let err = config(vec![0, dirty], layout, Some(region))
+                .region_pages()
+                .unwrap_err();
+            assert!(matches!(err, ProbeError::Config(_)), "{err}");
+        }
+        // The probe's page tables: 1 GiB fits, 2 GiB does not.
+        let program = |c: &FlushBenchConfig| {
+            let pages = c.region_pages().unwrap();
+            let (steps, _) = flush_program(c, pages);
+            (pages, steps.iter().map(|s| s.count).sum::<u64>())
+        };
+        let (pages, samples) = program(&config(vec![1], FlushLayout::Contiguous, Some(gib(1))));
+        check_region_fits(pages, samples).unwrap();
+        let (pages, samples) = program(&config(vec![1], FlushLayout::Contiguous, Some(gib(2))));
+        let err = check_region_fits(pages, samples).unwrap_err().to_string();
+        assert!(err.contains("does not fit"), "{err}");
+        let (pages, samples) = program(&FlushBenchConfig::default());
+        check_region_fits(pages, samples).unwrap();
+    }
+
+    #[test]
+    fn probe_page_tables_are_counted() {
+        use super::super::paging::MIN_RAM;
+        use super::super::vm::{max_region_pages, table_pages_needed, TABLE_PAGES_MAX};
+        // 32 MiB RAM: PML4, one PDPT (all below 512 GiB), PDs for GiB 0,
+        // 3 (MMIO) and 4 (pmem), 15 PTs for RAM (the 2 MiB of page tables
+        // are not mapped), 2 for the MMIO and control pages, 8 for 16 MiB
+        // of pmem.
+        assert_eq!(table_pages_needed(MIN_RAM, 4096), 1 + 1 + 3 + 15 + 2 + 8);
+        let max = max_region_pages(MIN_RAM);
+        assert!(table_pages_needed(MIN_RAM, max) <= TABLE_PAGES_MAX);
+        assert!(table_pages_needed(MIN_RAM, max + 512) > TABLE_PAGES_MAX);
+        assert!(max >= 262_144, "{max}");
     }
 
     #[test]

@@ -160,6 +160,54 @@ pub fn ram_for_samples(samples: u64) -> u64 {
     need.div_ceil(2 << 20).max(1) * (2 << 20)
 }
 
+/// Page-table pages the reserved range holds (3 MiB).
+pub const TABLE_PAGES_MAX: u64 = (PAGE_TABLES_END - PAGE_TABLES_GPA) / PAGE;
+
+/// Page-table pages [`ProbeVm::new`] builds for `ram` bytes of guest RAM
+/// and a pmem region of `region_pages` pages: one PML4, and one table per
+/// 512 GiB, 1 GiB and 2 MiB block that a mapped page falls in.
+pub fn table_pages_needed(ram: u64, region_pages: u64) -> u64 {
+    let region_size = region_pages * PAGE;
+    let region_gpa = layout::pmem_regions(ram, &[region_size])[0];
+    let mmio_gpa = layout::VIRTIO_MMIO_BASE;
+    let ranges = [
+        (GDT_GPA, PAGE),
+        (TSS_GPA, PAGE),
+        (STACK_GPA, STACK_PAGES * PAGE),
+        (PARAMS_GPA, PARAMS_SIZE),
+        (QUEUE_GPA, QUEUE_PAGES * PAGE),
+        (CODE_GPA, CODE_MAX),
+        (RESULTS_GPA, ram.saturating_sub(RESULTS_GPA)),
+        (mmio_gpa, PAGE),
+        (CONTROL_GPA, PAGE),
+        (region_gpa, region_size),
+    ];
+    let mut tables = 1;
+    for shift in [39u32, 30, 21] {
+        let mut blocks = std::collections::BTreeSet::new();
+        for &(start, len) in ranges.iter().filter(|r| r.1 > 0) {
+            blocks.extend((start >> shift)..=((start + len - 1) >> shift));
+        }
+        tables += blocks.len() as u64;
+    }
+    tables
+}
+
+/// The largest region, in pages and 2 MiB units, whose page tables fit
+/// next to `ram` bytes of guest RAM.
+pub fn max_region_pages(ram: u64) -> u64 {
+    let (mut lo, mut hi) = (0u64, TABLE_PAGES_MAX);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if table_pages_needed(ram, mid * 512) <= TABLE_PAGES_MAX {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo * 512
+}
+
 impl ProbeVm {
     /// Builds the VM for `steps`; nothing runs yet.
     pub fn new(config: &ProbeVmConfig, steps: &[StepSpec]) -> Result<Self, ProbeError> {
