@@ -44,6 +44,12 @@ lint:
 test: guest lint
 	cargo test --workspace --release
 
+# The in-guest DAX checks (init.c's dax mode) on ext4, xfs and a read-only
+# ext4, one boot; each check's line and the host's stats assertions.
+.PHONY: dax-test
+dax-test: guest
+	cargo test --release --test e2e dax_ext4_xfs -- --nocapture
+
 $(addprefix bench-,$(BENCHES)): bench-%: guest
 	cargo bench --bench bench_$*
 

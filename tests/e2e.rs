@@ -67,8 +67,17 @@ const WRITABLE_CHECKS: &[&str] = &[
     "readback-write",
     "readback-mmap",
     "statx-dax",
+    "map-sync-eopnotsupp",
+    "punch-hole",
+    "fallocate",
+    "truncate-mapped-sigbus",
+    "truncate-mapped-regrow",
+    "first-touch",
+    "fsync-1page",
     "umount",
 ];
+/// Figures the writable checks print for the host ("metric DEV:NAME V UNIT").
+const WRITABLE_METRICS: &[&str] = &["first-touch-write-p50", "warm-write-p50", "fsync-1page-p50"];
 const READONLY_CHECKS: &[&str] = &[
     "mount",
     "proc-mounts-dax",
@@ -160,6 +169,12 @@ fn dax_ext4_xfs_two_devices_and_readonly() {
             out.expect_output(&format!("pmemvm-init: check {dev}:{check} ok"));
         }
     }
+    for dev in ["pmem0", "pmem1"] {
+        for metric in WRITABLE_METRICS {
+            out.expect_output(&format!("pmemvm-init: metric {dev}:{metric} "));
+        }
+    }
+    out.expect_output("pmemvm-init: dax done, 0 failed");
     out.expect_output("pmemvm-init: fsync returned pmem0");
     out.expect_output("pmemvm-init: fsync returned pmem1");
     out.expect_output("pmemvm-init: dax ok");
