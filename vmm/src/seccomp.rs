@@ -6,7 +6,41 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// ioctl request numbers the confined threads use: `_IOC(dir, type, nr,
+/// size)` from include/uapi/asm-generic/ioctl.h.
+pub mod ioctls {
+    const fn ioc(dir: u64, ty: u64, nr: u64, size: usize) -> u64 {
+        (dir << 30) | ((size as u64) << 16) | (ty << 8) | nr
+    }
+    const NONE: u64 = 0;
+    const WRITE: u64 = 1;
+    const READ: u64 = 2;
+    const KVMIO: u64 = 0xAE;
+    const UFFDIO: u64 = 0xAA;
+    use std::mem::size_of;
+
+    pub const KVM_RUN: u64 = ioc(NONE, KVMIO, 0x80, 0);
+    pub const KVM_GET_REGS: u64 = ioc(READ, KVMIO, 0x81, size_of::<kvm_bindings::kvm_regs>());
+    pub const KVM_GET_SREGS: u64 = ioc(READ, KVMIO, 0x83, size_of::<kvm_bindings::kvm_sregs>());
+    pub const KVM_GET_DIRTY_LOG: u64 =
+        ioc(WRITE, KVMIO, 0x42, size_of::<kvm_bindings::kvm_dirty_log>());
+    pub const KVM_CLEAR_DIRTY_LOG: u64 = ioc(
+        READ | WRITE,
+        KVMIO,
+        0xc0,
+        size_of::<kvm_bindings::kvm_clear_dirty_log>(),
+    );
+    pub const KVM_RESET_DIRTY_RINGS: u64 = ioc(NONE, KVMIO, 0xc7, 0);
+    /// struct uffdio_range is 16 bytes, uffdio_copy 40, uffdio_writeprotect 24.
+    pub const UFFDIO_WAKE: u64 = ioc(READ, UFFDIO, 0x02, 16);
+    pub const UFFDIO_COPY: u64 = ioc(READ | WRITE, UFFDIO, 0x03, 40);
+    pub const UFFDIO_WRITEPROTECT: u64 = ioc(READ | WRITE, UFFDIO, 0x06, 24);
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadKind {
@@ -101,11 +135,53 @@ impl ThreadKind {
         calls
     }
 
+    /// The ioctl requests this kind of thread may make; any other ioctl
+    /// traps like a forbidden call.
+    pub fn allowed_ioctls(self) -> Vec<u64> {
+        use ioctls::*;
+        // Flushes harvest the dirty log (bitmap or rings) and re-protect
+        // pages in the uffd mirror.
+        let dirty_log = [
+            KVM_GET_DIRTY_LOG,
+            KVM_CLEAR_DIRTY_LOG,
+            KVM_RESET_DIRTY_RINGS,
+        ];
+        let uffd = [UFFDIO_COPY, UFFDIO_WAKE, UFFDIO_WRITEPROTECT];
+        match self {
+            // KVM_RUN, register dumps when the guest dies, and draining a
+            // full dirty ring.
+            Self::Vcpu => [KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS]
+                .into_iter()
+                .chain(dirty_log)
+                .collect(),
+            Self::DeviceEvents => dirty_log.into_iter().chain(uffd).collect(),
+            Self::FaultServicer => uffd.to_vec(),
+        }
+    }
+
     pub fn program(self) -> Result<BpfProgram, SeccompError> {
+        let build = |e: seccompiler::BackendError| SeccompError::Build(self.name(), e.to_string());
+        let ioctl_rules = self
+            .allowed_ioctls()
+            .into_iter()
+            .map(|request| {
+                // The kernel reads the request as an unsigned int.
+                let cond =
+                    SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)?;
+                SeccompRule::new(vec![cond])
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(build)?;
         let rules: BTreeMap<i64, Vec<SeccompRule>> = self
             .allowed()
             .into_iter()
-            .map(|nr| (nr, Vec::new()))
+            .map(|nr| {
+                if nr == libc::SYS_ioctl {
+                    (nr, ioctl_rules.clone())
+                } else {
+                    (nr, Vec::new())
+                }
+            })
             .collect();
         let filter = SeccompFilter::new(
             rules,
@@ -113,10 +189,8 @@ impl ThreadKind {
             SeccompAction::Allow,
             TargetArch::x86_64,
         )
-        .map_err(|e| SeccompError::Build(self.name(), e.to_string()))?;
-        filter
-            .try_into()
-            .map_err(|e: seccompiler::BackendError| SeccompError::Build(self.name(), e.to_string()))
+        .map_err(build)?;
+        filter.try_into().map_err(build)
     }
 }
 
@@ -217,49 +291,93 @@ mod tests {
         assert!(!ThreadKind::Vcpu.allowed().contains(&libc::SYS_fdatasync));
     }
 
-    /// A confined thread that opens a socket is stopped: run in a child
-    /// process so that the trap ends the child, not the test runner.
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        use ioctls::*;
+        assert_eq!(KVM_RUN, 0xae80);
+        assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+        assert_eq!(KVM_GET_DIRTY_LOG, 0x4010_ae42);
+        assert_eq!(KVM_CLEAR_DIRTY_LOG, 0xc018_aec0);
+        assert_eq!(KVM_RESET_DIRTY_RINGS, 0xaec7);
+        assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
+        assert_eq!(UFFDIO_COPY, 0xc028_aa03);
+        assert_eq!(UFFDIO_WRITEPROTECT, 0xc018_aa06);
+        assert!(!ThreadKind::FaultServicer
+            .allowed_ioctls()
+            .contains(&KVM_RUN));
+        assert!(!ThreadKind::DeviceEvents.allowed_ioctls().contains(&KVM_RUN));
+    }
+
+    /// Runs `forbidden` in a child confined as `kind`, after an allowed call
+    /// and an allowed ioctl; the child must be stopped by the trap.
+    fn expect_stopped(kind: ThreadKind, what: &str, forbidden: fn()) {
+        let program = kind.program().unwrap();
+        let allowed_ioctl = kind.allowed_ioctls()[0];
+        // SAFETY: the child only makes raw system calls and _exit;
+        // nothing in it needs locks another thread might hold.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            install_trap_handler();
+            if seccompiler::apply_filter(&program).is_err() {
+                // SAFETY: ends the child.
+                unsafe { libc::_exit(2) };
+            }
+            // Allowed calls still work.
+            // SAFETY: plain syscalls without memory arguments; the ioctl
+            // goes to a closed fd and fails with EBADF.
+            let (tid, rc) = unsafe {
+                (
+                    libc::syscall(libc::SYS_gettid),
+                    libc::syscall(libc::SYS_ioctl, -1, allowed_ioctl, 0),
+                )
+            };
+            if tid <= 0 || rc != -1 {
+                // SAFETY: ends the child.
+                unsafe { libc::_exit(3) };
+            }
+            forbidden();
+            // SAFETY: ends the child.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status),
+            "{}: status {status:#x}",
+            kind.name()
+        );
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            128 + libc::SIGSYS,
+            "{}: {what} was not stopped",
+            kind.name()
+        );
+    }
+
+    /// A confined thread that opens a socket, or makes an ioctl its kind
+    /// does not need (here TCGETS, then KVM_RUN where not allowed), is
+    /// stopped: in a child process, so the trap ends the child, not the
+    /// test runner.
     #[test]
     fn forbidden_call_stops_the_thread() {
         for kind in ThreadKind::ALL {
-            let program = kind.program().unwrap();
-            // SAFETY: the child only makes raw system calls and _exit;
-            // nothing in it needs locks another thread might hold.
-            let pid = unsafe { libc::fork() };
-            assert!(pid >= 0, "fork failed");
-            if pid == 0 {
-                install_trap_handler();
-                if seccompiler::apply_filter(&program).is_err() {
-                    // SAFETY: ends the child.
-                    unsafe { libc::_exit(2) };
-                }
-                // An allowed call still works.
-                // SAFETY: plain syscalls without memory arguments.
-                let tid = unsafe { libc::syscall(libc::SYS_gettid) };
-                if tid <= 0 {
-                    // SAFETY: ends the child.
-                    unsafe { libc::_exit(3) };
-                }
-                // SAFETY: as above; this one must trap.
-                unsafe {
-                    libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0);
-                    libc::_exit(0);
-                }
-            }
-            let mut status = 0;
-            // SAFETY: waits for our own child.
-            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-            assert!(
-                libc::WIFEXITED(status),
-                "{}: status {status:#x}",
-                kind.name()
-            );
-            assert_eq!(
-                libc::WEXITSTATUS(status),
-                128 + libc::SIGSYS,
-                "{}: the forbidden call was not stopped",
-                kind.name()
-            );
+            // SAFETY: plain syscall; it must trap.
+            expect_stopped(kind, "socket()", || unsafe {
+                libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            });
+            // SAFETY: as above.
+            expect_stopped(kind, "ioctl(TCGETS)", || unsafe {
+                libc::syscall(libc::SYS_ioctl, 0, libc::TCGETS, 0);
+            });
+        }
+        for kind in [ThreadKind::DeviceEvents, ThreadKind::FaultServicer] {
+            // SAFETY: as above.
+            expect_stopped(kind, "ioctl(KVM_RUN)", || unsafe {
+                libc::syscall(libc::SYS_ioctl, -1, ioctls::KVM_RUN, 0);
+            });
         }
     }
 }
