@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use vmm::{HostQuirks, PmemConfig, VmConfig};
 
+mod report;
+
 #[derive(Parser)]
 #[command(
     name = "pmemvm",
@@ -24,6 +26,20 @@ enum Command {
     /// Measure fault and flush costs per fault engine with a built-in
     /// probe guest (no kernel needed).
     Bench(BenchArgs),
+    /// Summarise the JSON of `bench faults` or `bench flush` and draw it
+    /// as an SVG.
+    Report(ReportArgs),
+}
+
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// The JSON that `bench faults --json` or `bench flush --json` wrote.
+    #[arg(value_name = "PATH.json")]
+    json: PathBuf,
+    /// Draw the figure to this SVG file: latency histograms per event for
+    /// faults, flush latency by dirty pages for flush.
+    #[arg(long, value_name = "PATH.svg")]
+    svg: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -214,6 +230,20 @@ fn run_bench(what: BenchCommand) -> Result<(), vmm::probe::ProbeError> {
     Ok(())
 }
 
+/// Prints a bench JSON's summary and draws it if asked.
+fn report(a: &ReportArgs) -> ExitCode {
+    match report::run(&a.json, a.svg.as_deref()) {
+        Ok(summary) => {
+            print!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pmemvm: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
@@ -241,6 +271,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Bench(a) => return bench(a.what),
+        Command::Report(a) => return report(&a),
     };
     match result {
         Ok(status) => ExitCode::from(status.clamp(0, 255) as u8),
