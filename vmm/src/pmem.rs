@@ -24,7 +24,7 @@ use crate::cmdline::MmioDeviceSpec;
 use crate::fault::dirty_log::{DirtyLog, DirtyLogError};
 use crate::fault::uffd::UffdEngine;
 use crate::fault::write_through::PmemWriteThrough;
-use crate::fault::{DirtyLogWriteback, EngineShared, FaultStats};
+use crate::fault::{DirtyLogWriteback, EngineShared, FaultStats, MappedRuns, TruncationGuard};
 use crate::layout::{self, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE};
 use crate::vm::IrqLine;
 
@@ -92,7 +92,7 @@ impl AttachedPmem {
     pub fn stats(&self) -> DeviceStats {
         DeviceStats {
             device: self.metrics.snapshot(),
-            fault: self.shared.metrics.snapshot(self.engine.name()),
+            fault: self.shared.stats(self.engine.name()),
             kvm: Default::default(),
         }
     }
@@ -104,6 +104,10 @@ pub struct PmemSet {
     /// Present when a device tracks writes through KVM; every vCPU's ring
     /// must be added to it.
     pub dirty_log: Option<Arc<DirtyLog>>,
+    /// One per device whose memslot maps the file itself (kernel and
+    /// prefault engines): what a vCPU consults when KVM cannot provide a
+    /// page.
+    pub guards: Vec<Arc<TruncationGuard>>,
 }
 
 /// Populates the whole mapping before boot, then makes it durable so that
@@ -179,6 +183,7 @@ pub fn attach(
     };
 
     let mut attached = Vec::with_capacity(backings.len());
+    let mut guards = Vec::new();
     for (i, ((backing, start), config)) in backings.into_iter().zip(starts).zip(configs).enumerate()
     {
         let path = backing.path().display().to_string();
@@ -203,11 +208,22 @@ pub fn attach(
         let is_tracked = tracked(&backing, engine);
         let mut flags = if readonly { KVM_MEM_READONLY } else { 0 };
         let mut host = backing.host_addr() as u64;
+        let mut guard = None;
         let writeback: Box<dyn Writeback> = match engine {
             FaultEngineKind::Kernel | FaultEngineKind::Prefault => {
                 if engine == FaultEngineKind::Prefault {
                     prefault(&backing).map_err(engine_err)?;
                 }
+                let g = Arc::new(TruncationGuard::new(
+                    backing.file().try_clone().map_err(engine_err)?,
+                    path.clone(),
+                    backing.host_addr(),
+                    backing.size(),
+                    readonly,
+                    shared.clone(),
+                ));
+                guards.push(g.clone());
+                guard = Some(g);
                 match dirty_log.as_ref().filter(|_| is_tracked) {
                     Some(log) => {
                         flags |= KVM_MEM_LOG_DIRTY_PAGES;
@@ -215,7 +231,11 @@ pub fn attach(
                         Box::new(DirtyLogWriteback {
                             shared: shared.clone(),
                             log: log.clone(),
-                            file: Some(backing.file().try_clone().map_err(engine_err)?),
+                            runs: Some(MappedRuns::new(
+                                backing.file().try_clone().map_err(engine_err)?,
+                                backing.host_addr(),
+                                backing.size(),
+                            )),
                         })
                     }
                     None => Box::new(FileWriteback::new(&backing).map_err(engine_err)?),
@@ -277,8 +297,13 @@ pub fn attach(
         if is_tracked {
             let dev = device.lock().unwrap_or_else(|p| p.into_inner());
             let file = dev.backing().file().try_clone().map_err(engine_err)?;
-            let through =
-                PmemWriteThrough::new(file, path.clone(), region.memory_size, shared.clone());
+            let through = PmemWriteThrough::new(
+                file,
+                path.clone(),
+                region.memory_size,
+                shared.clone(),
+                guard.clone(),
+            );
             drop(dev);
             mmio.insert(start, region.memory_size, Arc::new(Mutex::new(through)))
                 .map_err(|e| wiring("MMIO bus", e.to_string()))?;
@@ -317,6 +342,7 @@ pub fn attach(
     Ok(PmemSet {
         devices: attached,
         dirty_log,
+        guards,
     })
 }
 

@@ -94,11 +94,16 @@ impl ThreadKind {
             // ioeventfd writes, dirty-ring drains, state dumps.
             // pread/pwrite: emulated pmem accesses the host could not map
             // are served from the file (read-only and write-through regions).
+            // fstat/statx: on EFAULT, checking whether a pmem file shrank
+            // (the overlay that follows is an mmap).
             Self::Vcpu => vec![
                 libc::SYS_ioctl,
                 libc::SYS_read,
                 libc::SYS_pread64,
                 libc::SYS_pwrite64,
+                libc::SYS_statx,
+                libc::SYS_fstat,
+                libc::SYS_newfstatat,
             ],
             // Flushes: eventfds, epoll, the writeback I/O, dirty-log
             // harvests and uffd write-protection (both ioctls).

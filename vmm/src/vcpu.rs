@@ -14,7 +14,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::exit::{ExitSignal, RunEnd};
 use crate::fault::dirty_log::DirtyLog;
-use crate::fault::Backoff;
+use crate::fault::{Backoff, TruncationGuard};
 
 /// What every vCPU thread shares.
 pub struct VcpuContext {
@@ -25,11 +25,15 @@ pub struct VcpuContext {
     pub stop: AtomicBool,
     /// KVM dirty rings to drain when one fills up.
     pub dirty_log: Option<Arc<DirtyLog>>,
+    /// The pmem devices whose file is mapped into the guest: consulted on
+    /// EFAULT, in case the file shrank.
+    pub truncation_guards: Vec<Arc<TruncationGuard>>,
 }
 
 static UNKNOWN_PIO: LogLimiter = LogLimiter::new(8, 1000);
 static UNKNOWN_MMIO: LogLimiter = LogLimiter::new(8, 1000);
 static EMPTY_RING_FULL: LogLimiter = LogLimiter::new(4, 100_000);
+static GUARD_FAILED: LogLimiter = LogLimiter::new(4, 100_000);
 /// Linux writes to port 0x80 to delay I/O; nothing is there.
 const POST_PORT: u16 = 0x80;
 
@@ -59,8 +63,10 @@ pub fn kick(handle: &JoinHandle<()>) {
     }
 }
 
-/// KVM_RUN failing with EFAULT: the host could not provide a guest page,
-/// e.g. the pmem file's filesystem is full (its mkwrite failed). The vCPU
+/// KVM_RUN failing with EFAULT: the host could not provide a guest page.
+/// A pmem file that another program shrank is overlaid with anonymous
+/// memory and the vCPU goes on at once ([`truncation_gone`]); otherwise the
+/// file's filesystem is likely full (its mkwrite failed), and the vCPU
 /// waits and retries rather than killing the guest.
 struct HostFaultWait {
     since: Option<std::time::Instant>,
@@ -107,7 +113,9 @@ pub fn run(id: u8, mut vcpu: VcpuFd, ctx: Arc<VcpuContext>) {
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Err(e) if e.errno() == libc::EFAULT => {
-                host_wait.fault(id);
+                if !truncation_gone(&ctx) {
+                    host_wait.fault(id);
+                }
                 None
             }
             Err(e) => Some(RunEnd::Fault(format!("vCPU {id}: KVM_RUN failed: {e}"))),
@@ -123,6 +131,23 @@ pub fn run(id: u8, mut vcpu: VcpuFd, ctx: Arc<VcpuContext>) {
             return;
         }
     }
+}
+
+/// Whether a pmem file shrank and its lost part was just overlaid, so that
+/// KVM_RUN can be retried at once.
+fn truncation_gone(ctx: &VcpuContext) -> bool {
+    let mut patched = false;
+    for guard in &ctx.truncation_guards {
+        match guard.check() {
+            Ok(p) => patched |= p,
+            Err(e) => {
+                if GUARD_FAILED.allow() {
+                    log::error!("checking a pmem file for truncation failed: {e}");
+                }
+            }
+        }
+    }
+    patched
 }
 
 fn handle_exit(id: u8, exit: VcpuExit, ctx: &VcpuContext) -> Option<RunEnd> {

@@ -324,6 +324,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
         mmio,
         mem: mem.clone(),
         dirty_log: pmem.dirty_log.clone(),
+        truncation_guards: pmem.guards.clone(),
         exit: exit.clone(),
         stop: Default::default(),
     });

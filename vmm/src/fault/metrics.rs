@@ -86,7 +86,14 @@ impl FaultMetrics {
         self.last_flush_pages.store(pages, Relaxed);
     }
 
-    pub fn snapshot(&self, engine: &'static str) -> FaultStats {
+    /// `dirty_pages` and `backing_truncated` come from the page states,
+    /// which this does not see (see `EngineShared::stats`).
+    pub fn snapshot(
+        &self,
+        engine: &'static str,
+        dirty_pages: u64,
+        backing_truncated: bool,
+    ) -> FaultStats {
         let h = self.service_ns.lock().unwrap_or_else(|p| p.into_inner());
         let fault_service_ns = if h.is_empty() {
             LatencyStats::default()
@@ -121,6 +128,8 @@ impl FaultMetrics {
                 last_pages: self.last_flush_pages.load(Relaxed),
             },
             stalls: self.stalls.load(Relaxed),
+            dirty_pages,
+            backing_truncated,
         }
     }
 }
@@ -155,6 +164,11 @@ pub struct FaultStats {
     pub populate_batch: PopulateBatch,
     pub flush: FlushCounts,
     pub stalls: u64,
+    /// Pages written since their last successful flush (a failed flush
+    /// leaves its pages here).
+    pub dirty_pages: u64,
+    /// The backing file was seen shorter than the device; flushes fail.
+    pub backing_truncated: bool,
 }
 
 #[cfg(test)]
@@ -170,7 +184,7 @@ mod tests {
         m.record_fault(Transition::AlreadyDone, 0, Duration::from_nanos(1));
         m.record_flush(10, 3);
         m.record_flush(0, 0);
-        let s = m.snapshot("uffd");
+        let s = m.snapshot("uffd", 0, false);
         assert_eq!(s.engine, "uffd");
         assert_eq!(
             (

@@ -276,7 +276,12 @@ unsafe fn pread_full(file: &File, dst: *mut u8, len: usize, offset: u64) -> io::
 ///
 /// # Safety
 /// `src` must be valid for reads of `len` bytes.
-unsafe fn pwrite_all(file: &File, src: *const u8, len: usize, offset: u64) -> io::Result<()> {
+pub(crate) unsafe fn pwrite_all(
+    file: &File,
+    src: *const u8,
+    len: usize,
+    offset: u64,
+) -> io::Result<()> {
     let mut done = 0;
     while done < len {
         // SAFETY: the caller guarantees src..src+len is readable.
@@ -731,12 +736,13 @@ impl Handler {
             return Err(ServeError::NoSpace { offset });
         }
         loop {
-            // SAFETY: plain syscall on our fd; no memory is passed. Mode 0
-            // allocates inside the file's size and so keeps the size.
+            // SAFETY: plain syscall on our fd; no memory is passed.
+            // KEEP_SIZE: a file another program shrank is not grown back
+            // (its flushes fail; see EngineShared::check_backing).
             let rc = unsafe {
                 libc::fallocate64(
                     m.file.as_raw_fd(),
-                    0,
+                    libc::FALLOC_FL_KEEP_SIZE,
                     offset as libc::off64_t,
                     PAGE_SIZE as libc::off64_t,
                 )
@@ -1362,7 +1368,7 @@ pub fn measure_first_touch(
     std::hint::black_box(sum);
     // The handler counts a fault before it releases the states lock.
     drop(shared.states());
-    let s = shared.metrics.snapshot("uffd");
+    let s = shared.stats("uffd");
     Ok(TouchCost {
         pages: size / PAGE_SIZE,
         faults: s.faults.populate_read + s.faults.populate_write + s.faults.mkwrite,
@@ -1490,7 +1496,7 @@ mod tests {
         /// counts faults before it releases the states lock.
         fn stats(&self) -> FaultStats {
             drop(self.shared.states());
-            self.shared.metrics.snapshot("uffd")
+            self.shared.stats("uffd")
         }
 
         fn state(&self, page: u64) -> PageState {
@@ -1827,6 +1833,34 @@ mod tests {
         assert_eq!((s.stalls, s.faults.populate_write), (1, 1));
         assert_eq!(f.engine.writeback().writeback().unwrap().pages, Some(2));
         assert_eq!((f.file_page(7)[0], f.file_page(8)[0]), (0x42, 0x43));
+    }
+
+    #[test]
+    fn truncated_file_is_never_grown_back_and_flushes_fail() {
+        let f = Fixture::new("trunc", 2 * MIB, 0..4, 1, false, false);
+        let mut wb = f.engine.writeback();
+        f.write(1, 0, 0x11);
+        assert_eq!(wb.writeback().unwrap().pages, Some(1));
+        f.file.set_len(2 * PAGE_SIZE).unwrap();
+        // Reads past the end are zeroes; first writes there reserve no
+        // length: the file stays short.
+        assert_eq!(f.read(300, 0), 0);
+        f.write(300, 0, 0x22);
+        f.write(1, 1, 0x33);
+        assert_eq!(f.file.metadata().unwrap().len(), 2 * PAGE_SIZE);
+        let err = wb.writeback().unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        assert_eq!(
+            (f.state(1), f.state(300)),
+            (PageState::Dirty, PageState::Dirty)
+        );
+        assert_eq!(f.file.metadata().unwrap().len(), 2 * PAGE_SIZE);
+        // Growing it back does not make the lost pages durable.
+        f.file.set_len(2 * MIB).unwrap();
+        assert!(wb.writeback().is_err());
+        let s = f.stats();
+        assert!(s.backing_truncated);
+        assert_eq!(s.dirty_pages, 2);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! store comes back as an MMIO exit at the pmem address. Dropping it would
 //! lose data the guest believes written; instead the vCPU writes it to the
 //! file itself, waiting while the filesystem is full, and marks the page
-//! dirty for the next flush.
+//! dirty for the next flush. An access past the end of a file that another
+//! program shrank goes to the [`TruncationGuard`]'s overlay instead: writing
+//! the file there would grow it back.
 
 use std::fs::File;
 use std::io;
@@ -16,23 +18,31 @@ use std::time::Instant;
 use devices::bus::BusDevice;
 use devices::ratelimit::LogLimiter;
 
-use super::{Backoff, EngineShared, PAGE_SIZE};
+use super::{Backoff, EngineShared, TruncationGuard, PAGE_SIZE};
 
 pub struct PmemWriteThrough {
     file: File,
     path: String,
     size: u64,
     shared: Arc<EngineShared>,
+    guard: Option<Arc<TruncationGuard>>,
     warn: LogLimiter,
 }
 
 impl PmemWriteThrough {
-    pub fn new(file: File, path: String, size: u64, shared: Arc<EngineShared>) -> Self {
+    pub fn new(
+        file: File,
+        path: String,
+        size: u64,
+        shared: Arc<EngineShared>,
+        guard: Option<Arc<TruncationGuard>>,
+    ) -> Self {
         Self {
             file,
             path,
             size,
             shared,
+            guard,
             warn: LogLimiter::new(4, 10_000),
         }
     }
@@ -80,6 +90,17 @@ impl BusDevice for PmemWriteThrough {
             data.fill(0xff);
             return;
         }
+        if let Some(guard) = &self.guard {
+            match guard.load_past_eof(offset, data) {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => {
+                    if self.warn.allow() {
+                        log::warn!("pmem {}: read at {offset:#x}: {e}", self.path);
+                    }
+                }
+            }
+        }
         // A short read past the file's end (truncated) reads as zeroes.
         if let Err(e) = self.file.read_exact_at(data, offset) {
             data.fill(0);
@@ -94,7 +115,15 @@ impl BusDevice for PmemWriteThrough {
             return;
         }
         let file = &self.file;
-        self.retry("store", offset, || file.write_all_at(data, offset));
+        let guard = self.guard.as_deref();
+        self.retry("store", offset, || {
+            if let Some(g) = guard {
+                if g.store_past_eof(offset, data)? {
+                    return Ok(());
+                }
+            }
+            file.write_all_at(data, offset)
+        });
         let mut states = self.shared.states();
         let last = offset + data.len().max(1) as u64 - 1;
         for page in offset / PAGE_SIZE..=last / PAGE_SIZE {
@@ -124,6 +153,7 @@ mod tests {
             "t".into(),
             4 * PAGE_SIZE,
             shared.clone(),
+            None,
         );
         // A store straddling pages 1 and 2.
         region.write(2 * PAGE_SIZE - 4, &[1, 2, 3, 4, 5, 6, 7, 8]);
