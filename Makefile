@@ -7,8 +7,9 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PMEMVM := target/release/pmemvm
 GUEST := --kernel target/guest/vmlinux --initrd target/guest/initramfs.cpio.gz
 # Each name N has a target bench-N running `cargo bench --bench bench_N`
-# (tests/bench_N.rs, registered as a [[bench]] in Cargo.toml).
-BENCHES := boot
+# (tests/bench_N.rs, registered as a [[bench]] in Cargo.toml; a - in N is
+# a _ in the file name).
+BENCHES := boot vs-qemu
 
 .PHONY: all deps guest build run lint test $(addprefix bench-,$(BENCHES)) bench-flush bench-faults
 
@@ -50,8 +51,8 @@ test: guest lint
 dax-test: guest
 	cargo test --release --test e2e dax_ext4_xfs -- --nocapture
 
-$(addprefix bench-,$(BENCHES)): bench-%: guest
-	cargo bench --bench bench_$*
+$(addprefix bench-,$(BENCHES)): bench-%: guest build
+	cargo bench --bench bench_$(subst -,_,$*)
 
 # Flush requests timed end to end in the probe guest (guest request to
 # guest completion), per engine, beside host fdatasync/fsync/msync.
