@@ -16,6 +16,7 @@ use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::Deserialize;
+use vmm::probe::bench::{table, FaultEvent, LatencySummary};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -83,10 +84,8 @@ struct FaultConfig {
 struct FaultRow {
     engine: String,
     event: String,
-    samples: u64,
-    p50_ns: f64,
-    p99_ns: f64,
-    mean_ns: f64,
+    #[serde(flatten)]
+    latency: LatencySummary,
     per_second: f64,
 }
 
@@ -124,11 +123,11 @@ struct FlushConfig {
 struct FlushRow {
     case: String,
     dirty: u64,
-    samples: u64,
-    p50_ns: f64,
-    p99_ns: f64,
-    mean_ns: f64,
+    #[serde(flatten)]
+    latency: LatencySummary,
     p50_vs_fdatasync: Option<f64>,
+    #[serde(default)]
+    writeback_pages: Option<u64>,
 }
 
 /// A bench report, of either kind.
@@ -191,32 +190,18 @@ pub fn parse(path: &Path, text: &str) -> Result<Report, ReportError> {
     Ok(report)
 }
 
-/// Fault events in panel order, with the bench's labels.
-const FAULT_EVENTS: [(&str, &str); 7] = [
-    ("first_read", "first read"),
-    ("first_write", "first write"),
-    ("mkwrite", "mkwrite (write after read)"),
-    ("warm_read", "warm read"),
-    ("warm_write", "warm write"),
-    ("redirty_after_flush", "re-dirty after flush"),
-    ("flush", "flush request (all dirty)"),
-];
-
 /// A flush is one sample per request, a few per run: too few for a
 /// histogram, so it stays in the printed summary only.
 const NOT_HISTOGRAMMED: &str = "flush";
 
 fn event_label(event: &str) -> String {
-    FAULT_EVENTS
-        .iter()
-        .find(|(key, _)| *key == event)
-        .map_or_else(|| event.replace('_', " "), |(_, label)| label.to_string())
+    FaultEvent::from_key(event).map_or_else(|| event.replace('_', " "), |e| e.label().to_string())
 }
 
 /// Known events first, in the bench's order; others after, by name.
 fn event_rank(event: &str) -> (usize, String) {
-    let known = FAULT_EVENTS.iter().position(|(key, _)| *key == event);
-    (known.unwrap_or(FAULT_EVENTS.len()), event.to_string())
+    let known = FaultEvent::ALL.iter().position(|e| e.key() == event);
+    (known.unwrap_or(FaultEvent::ALL.len()), event.to_string())
 }
 
 /// Formats a latency for a table or an axis: ns, µs or ms, with at most
@@ -274,26 +259,14 @@ impl FaultReport {
             c.repeat,
             self.runs.len()
         );
-        let _ = writeln!(
-            out,
-            "{:<9} {:<27} {:>8} {:>10} {:>10} {:>10} {:>10}",
-            "engine", "event", "samples", "p50", "p99", "mean", "per s"
-        );
+        let _ = writeln!(out, "{}", table::fault_header());
         for r in &self.summary {
-            let _ = writeln!(
-                out,
-                "{:<9} {:<27} {:>8} {:>10} {:>10} {:>10} {:>10.0}",
-                r.engine,
-                event_label(&r.event),
-                r.samples,
-                fmt_ns(r.p50_ns),
-                fmt_ns(r.p99_ns),
-                fmt_ns(r.mean_ns),
-                r.per_second
-            );
+            let event = event_label(&r.event);
+            let row = table::fault_row(&r.engine, &event, &r.latency, r.per_second);
+            let _ = writeln!(out, "{row}");
         }
         for s in &self.skipped_engines {
-            let _ = writeln!(out, "skipped engine {}: {}", s.engine, s.reason);
+            let _ = writeln!(out, "{}", table::skipped(&s.engine, &s.reason));
         }
         out
     }
@@ -575,27 +548,19 @@ impl FlushReport {
             "bench flush: layout {}, region {} pages, backing {}, {} measured round(s)\n",
             c.layout, c.region_pages, c.backing, c.repeat
         );
-        let _ = writeln!(
-            out,
-            "{:>6} {:<26} {:>8} {:>10} {:>10} {:>10} {:>11}",
-            "dirty", "case", "samples", "p50", "p99", "mean", "x fdatasync"
-        );
+        let _ = writeln!(out, "{}", table::flush_header());
         for r in &self.summary {
-            let _ = writeln!(
-                out,
-                "{:>6} {:<26} {:>8} {:>10} {:>10} {:>10} {:>11}",
+            let row = table::flush_row(
                 r.dirty,
-                r.case,
-                r.samples,
-                fmt_ns(r.p50_ns),
-                fmt_ns(r.p99_ns),
-                fmt_ns(r.mean_ns),
-                r.p50_vs_fdatasync
-                    .map_or_else(|| "-".to_string(), |x| format!("{x:.2}")),
+                &r.case,
+                &r.latency,
+                r.p50_vs_fdatasync,
+                r.writeback_pages,
             );
+            let _ = writeln!(out, "{row}");
         }
         for s in &self.skipped_engines {
-            let _ = writeln!(out, "skipped engine {}: {}", s.engine, s.reason);
+            let _ = writeln!(out, "{}", table::skipped(&s.engine, &s.reason));
         }
         out
     }
@@ -604,11 +569,11 @@ impl FlushReport {
     /// points by dirty count; rows without samples are left out.
     fn curves(&self) -> Vec<FlushCurve<'_>> {
         let mut curves: Vec<FlushCurve> = Vec::new();
-        for r in self.summary.iter().filter(|r| r.samples > 0) {
+        for r in self.summary.iter().filter(|r| r.latency.samples > 0) {
             let point = FlushPoint {
                 dirty: r.dirty,
-                p50_us: r.p50_ns / 1e3,
-                p99_us: r.p99_ns / 1e3,
+                p50_us: r.latency.p50_ns as f64 / 1e3,
+                p99_us: r.latency.p99_ns as f64 / 1e3,
             };
             match curves.iter_mut().find(|c| c.case == r.case) {
                 Some(curve) => curve.points.push(point),
@@ -973,7 +938,9 @@ mod tests {
         assert!(summary.contains("3 pages per op, pattern seq"), "{summary}");
         assert!(summary.contains("first read"), "{summary}");
         assert!(summary.contains("mkwrite (write after read)"), "{summary}");
-        assert!(summary.contains("1.05 µs"), "{summary}");
+        // The bench's own table: p50 1050 ns, per second 908.7 k.
+        assert!(summary.contains("1050 ns"), "{summary}");
+        assert!(summary.contains("908.7 k"), "{summary}");
         assert!(summary.contains("skipped engine prefault"), "{summary}");
 
         let svg = report.svg().unwrap();
@@ -1043,7 +1010,8 @@ mod tests {
         let summary = report.summary();
         assert!(summary.contains("layout contiguous, region 4096 pages, backing tmpfs"));
         assert!(summary.contains("host fdatasync"), "{summary}");
-        assert!(summary.contains("2 ms"), "{summary}");
+        // The bench's own table, in µs: p50 2 ms at 64 dirty pages.
+        assert!(summary.contains("2000.0"), "{summary}");
 
         let texts = svg_texts(&report.svg().unwrap());
         for wanted in [

@@ -184,6 +184,33 @@ pub enum FaultEvent {
 }
 
 impl FaultEvent {
+    pub const ALL: [FaultEvent; 7] = [
+        Self::FirstRead,
+        Self::FirstWrite,
+        Self::Mkwrite,
+        Self::WarmRead,
+        Self::WarmWrite,
+        Self::RedirtyAfterFlush,
+        Self::Flush,
+    ];
+
+    /// The name in the JSON (serde's snake_case).
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::FirstRead => "first_read",
+            Self::FirstWrite => "first_write",
+            Self::Mkwrite => "mkwrite",
+            Self::WarmRead => "warm_read",
+            Self::WarmWrite => "warm_write",
+            Self::RedirtyAfterFlush => "redirty_after_flush",
+            Self::Flush => "flush",
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.key() == key)
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Self::FirstRead => "first read",
@@ -238,7 +265,7 @@ impl Default for FaultBenchConfig {
 }
 
 /// Latency figures of one row.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct LatencySummary {
     pub samples: u64,
     pub p50_ns: u64,
@@ -635,6 +662,62 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<(), ProbeError> {
     std::fs::write(path, json).map_err(err)
 }
 
+/// The lines of the printed tables, shared by the benches and by
+/// `pmemvm report`, which rebuilds them from the JSON.
+pub mod table {
+    use super::{fmt_ns, fmt_rate, LatencySummary};
+
+    pub fn fault_header() -> String {
+        format!(
+            "{:<9} {:<27} {:>8} {:>10} {:>10} {:>10} {:>9}",
+            "engine", "event", "samples", "p50", "p99", "mean", "per s"
+        )
+    }
+
+    pub fn fault_row(engine: &str, event: &str, l: &LatencySummary, per_second: f64) -> String {
+        format!(
+            "{:<9} {:<27} {:>8} {:>10} {:>10} {:>10} {:>9}",
+            engine,
+            event,
+            l.samples,
+            fmt_ns(l.p50_ns as f64),
+            fmt_ns(l.p99_ns as f64),
+            fmt_ns(l.mean_ns),
+            fmt_rate(per_second)
+        )
+    }
+
+    pub fn flush_header() -> String {
+        format!(
+            "{:>6} {:<26} {:>10} {:>10} {:>10} {:>11} {:>9}",
+            "dirty", "case", "p50 us", "p99 us", "mean us", "x fdatasync", "wb pages"
+        )
+    }
+
+    pub fn flush_row(
+        dirty: u64,
+        case: &str,
+        l: &LatencySummary,
+        vs_fdatasync: Option<f64>,
+        writeback_pages: Option<u64>,
+    ) -> String {
+        format!(
+            "{:>6} {:<26} {:>10.1} {:>10.1} {:>10.1} {:>11} {:>9}",
+            dirty,
+            case,
+            l.p50_ns as f64 / 1e3,
+            l.p99_ns as f64 / 1e3,
+            l.mean_ns / 1e3,
+            vs_fdatasync.map_or_else(|| "-".to_string(), |x| format!("{x:.2}")),
+            writeback_pages.map_or_else(|| "-".to_string(), |p| p.to_string()),
+        )
+    }
+
+    pub fn skipped(engine: &str, reason: &str) -> String {
+        format!("skipped engine {engine}: {reason}")
+    }
+}
+
 fn fmt_ns(ns: f64) -> String {
     if ns >= 10_000_000.0 {
         format!("{:.1} ms", ns / 1e6)
@@ -673,23 +756,10 @@ impl FaultBenchReport {
             c.repeat,
             c.ops.iter().map(|o| o.name()).collect::<Vec<_>>().join(",")
         );
-        let _ = writeln!(
-            out,
-            "{:<9} {:<27} {:>8} {:>10} {:>10} {:>10} {:>9}",
-            "engine", "event", "samples", "p50", "p99", "mean", "per s"
-        );
+        let _ = writeln!(out, "{}", table::fault_header());
         for r in &self.summary {
-            let _ = writeln!(
-                out,
-                "{:<9} {:<27} {:>8} {:>10} {:>10} {:>10} {:>9}",
-                r.engine,
-                r.event.label(),
-                r.latency.samples,
-                fmt_ns(r.latency.p50_ns as f64),
-                fmt_ns(r.latency.p99_ns as f64),
-                fmt_ns(r.latency.mean_ns),
-                fmt_rate(r.per_second)
-            );
+            let row = table::fault_row(r.engine, r.event.label(), &r.latency, r.per_second);
+            let _ = writeln!(out, "{row}");
         }
         let shown: Vec<&str> = VCPU_STATS_SHOWN
             .iter()
@@ -740,7 +810,7 @@ impl FaultBenchReport {
             );
         }
         for s in &self.skipped_engines {
-            let _ = writeln!(out, "skipped engine {}: {}", s.engine, s.reason);
+            let _ = writeln!(out, "{}", table::skipped(s.engine, &s.reason));
         }
         out
     }
@@ -1126,28 +1196,19 @@ impl FlushBenchReport {
             c.backing.name(),
             c.repeat
         );
-        let _ = writeln!(
-            out,
-            "{:>6} {:<26} {:>10} {:>10} {:>10} {:>11} {:>9}",
-            "dirty", "case", "p50 us", "p99 us", "mean us", "x fdatasync", "wb pages"
-        );
+        let _ = writeln!(out, "{}", table::flush_header());
         for r in &self.summary {
-            let _ = writeln!(
-                out,
-                "{:>6} {:<26} {:>10.1} {:>10.1} {:>10.1} {:>11} {:>9}",
+            let row = table::flush_row(
                 r.dirty,
-                r.case,
-                r.latency.p50_ns as f64 / 1e3,
-                r.latency.p99_ns as f64 / 1e3,
-                r.latency.mean_ns / 1e3,
-                r.p50_vs_fdatasync
-                    .map_or_else(|| "-".to_string(), |x| format!("{x:.2}")),
-                r.writeback_pages
-                    .map_or_else(|| "-".to_string(), |p| p.to_string()),
+                &r.case,
+                &r.latency,
+                r.p50_vs_fdatasync,
+                r.writeback_pages,
             );
+            let _ = writeln!(out, "{row}");
         }
         for s in &self.skipped_engines {
-            let _ = writeln!(out, "skipped engine {}: {}", s.engine, s.reason);
+            let _ = writeln!(out, "{}", table::skipped(s.engine, &s.reason));
         }
         out
     }
@@ -1281,6 +1342,15 @@ mod tests {
         assert!(table_pages_needed(MIN_RAM, max) <= TABLE_PAGES_MAX);
         assert!(table_pages_needed(MIN_RAM, max + 512) > TABLE_PAGES_MAX);
         assert!(max >= 262_144, "{max}");
+    }
+
+    #[test]
+    fn fault_event_keys_are_the_json_names() {
+        for e in FaultEvent::ALL {
+            assert_eq!(serde_json::to_value(e).unwrap(), e.key());
+            assert_eq!(FaultEvent::from_key(e.key()), Some(e));
+        }
+        assert_eq!(FaultEvent::from_key("first-read"), None);
     }
 
     #[test]
