@@ -548,17 +548,11 @@ impl FlushReport {
             "bench flush: layout {}, region {} pages, backing {}, {} measured round(s)\n",
             c.layout, c.region_pages, c.backing, c.repeat
         );
-        let _ = writeln!(out, "{}", table::flush_header());
-        for r in &self.summary {
-            let row = table::flush_row(
-                r.dirty,
-                &r.case,
-                &r.latency,
-                r.p50_vs_fdatasync,
-                r.writeback_pages,
-            );
-            let _ = writeln!(out, "{row}");
-        }
+        let rows = self.summary.iter().map(|r| {
+            let (vs, wb) = (r.p50_vs_fdatasync, r.writeback_pages);
+            (r.dirty, r.case.as_str(), &r.latency, vs, wb)
+        });
+        let _ = writeln!(out, "{}", table::flush_rows(rows));
         for s in &self.skipped_engines {
             let _ = writeln!(out, "{}", table::skipped(&s.engine, &s.reason));
         }

@@ -687,14 +687,26 @@ pub mod table {
         )
     }
 
-    pub fn flush_header() -> String {
+    /// The flush table: header and one line per row.
+    pub fn flush_rows<'a>(
+        rows: impl IntoIterator<Item = (u64, &'a str, &'a LatencySummary, Option<f64>, Option<u64>)>,
+    ) -> String {
+        let mut out = flush_header();
+        for (dirty, case, l, vs, wb) in rows {
+            out.push('\n');
+            out.push_str(&flush_row(dirty, case, l, vs, wb));
+        }
+        out
+    }
+
+    fn flush_header() -> String {
         format!(
             "{:>6} {:<26} {:>10} {:>10} {:>10} {:>11} {:>9}",
             "dirty", "case", "p50 us", "p99 us", "mean us", "x fdatasync", "wb pages"
         )
     }
 
-    pub fn flush_row(
+    fn flush_row(
         dirty: u64,
         case: &str,
         l: &LatencySummary,
@@ -1196,17 +1208,11 @@ impl FlushBenchReport {
             c.backing.name(),
             c.repeat
         );
-        let _ = writeln!(out, "{}", table::flush_header());
-        for r in &self.summary {
-            let row = table::flush_row(
-                r.dirty,
-                &r.case,
-                &r.latency,
-                r.p50_vs_fdatasync,
-                r.writeback_pages,
-            );
-            let _ = writeln!(out, "{row}");
-        }
+        let rows = self.summary.iter().map(|r| {
+            let (vs, wb) = (r.p50_vs_fdatasync, r.writeback_pages);
+            (r.dirty, r.case.as_str(), &r.latency, vs, wb)
+        });
+        let _ = writeln!(out, "{}", table::flush_rows(rows));
         for s in &self.skipped_engines {
             let _ = writeln!(out, "{}", table::skipped(s.engine, &s.reason));
         }
