@@ -312,24 +312,27 @@ impl Writeback for DirtyLogWriteback {
     }
 }
 
+/// A fresh file of `len` bytes in the temp directory, for the engines'
+/// unit tests; the caller removes it.
+#[cfg(test)]
+pub(crate) fn temp_file(name: &str, len: u64) -> (std::path::PathBuf, File) {
+    let path = std::env::temp_dir().join(format!("pmemvm-{name}-{}", std::process::id()));
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    f.set_len(len).unwrap();
+    (path, f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::fs::FileExt;
-
-    fn temp_file(name: &str, len: u64) -> (std::path::PathBuf, File) {
-        let path = std::env::temp_dir().join(format!("pmemvm-{name}-{}", std::process::id()));
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        f.set_len(len).unwrap();
-        (path, f)
-    }
 
     #[test]
     fn backoff_doubles_to_a_second_and_resets() {

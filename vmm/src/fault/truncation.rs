@@ -202,17 +202,8 @@ mod tests {
 
     impl Mapped {
         fn new(name: &str, pages: u64) -> Self {
-            let path =
-                std::env::temp_dir().join(format!("pmemvm-trunc-{name}-{}", std::process::id()));
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .unwrap();
             let size = (pages * PAGE_SIZE) as usize;
-            file.set_len(size as u64).unwrap();
+            let (path, file) = super::super::temp_file(&format!("trunc-{name}"), size as u64);
             // SAFETY: a fresh shared mapping of the file.
             let addr = unsafe {
                 libc::mmap(

@@ -1437,17 +1437,8 @@ mod tests {
             readonly: bool,
             discard_writes: bool,
         ) -> Self {
-            let path =
-                std::env::temp_dir().join(format!("pmemvm-uffd-{name}-{}", std::process::id()));
+            let (path, file) = super::super::temp_file(&format!("uffd-{name}"), size);
             let temp = Temp(path.clone());
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .unwrap();
-            file.set_len(size).unwrap();
             for p in data {
                 file.write_all_at(&[pattern(p); PS], p * PAGE_SIZE).unwrap();
             }

@@ -138,15 +138,7 @@ mod tests {
 
     #[test]
     fn stores_reach_the_file_and_dirty_their_pages() {
-        let path = std::env::temp_dir().join(format!("pmemvm-wt-{}", std::process::id()));
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        f.set_len(4 * PAGE_SIZE).unwrap();
+        let (path, f) = super::super::temp_file("wt", 4 * PAGE_SIZE);
         let shared = EngineShared::new(4 * PAGE_SIZE);
         let mut region = PmemWriteThrough::new(
             f.try_clone().unwrap(),
