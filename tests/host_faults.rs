@@ -8,7 +8,8 @@
 //!   next flush really writes them, although the page cache holds them
 //!   clean ("fsyncgate").
 //!
-//! One boot per engine for the truncation, one boot for EIO.
+//! One boot per engine (kernel, uffd, prefault) for the truncation, one boot
+//! for EIO.
 
 mod common;
 
@@ -118,6 +119,11 @@ fn truncated_file_kernel_engine() {
 #[test]
 fn truncated_file_uffd_engine() {
     truncation_round("uffd");
+}
+
+#[test]
+fn truncated_file_prefault_engine() {
+    truncation_round("prefault");
 }
 
 /// What the failing file system did, per file.
