@@ -32,10 +32,9 @@ guest: deps
 build:
 	cargo build --release
 
-# Adds a 64 MiB pmem disk when this pmemvm has --pmem.
+# The demo guest with a 64 MiB pmem disk (created sparse on first use).
 run: deps guest build
-	@pmem=; if $(PMEMVM) run --help | grep -q -- --pmem; then pmem="--pmem file=target/demo.pmem,size=64M"; fi; \
-	set -x; $(PMEMVM) run $(GUEST) --cmdline "pmemvm_mode=demo" $$pmem
+	$(PMEMVM) run $(GUEST) --cmdline "pmemvm_mode=demo" --pmem file=target/demo.pmem,size=64M
 
 lint:
 	cargo fmt --all --check

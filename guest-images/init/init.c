@@ -6,6 +6,7 @@
 // then writes its status byte to the exit port, which ends pmemvm with it.
 // Modes: demo, exit=N, dax, crash, reboot (see mode_dax and friends).
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -123,9 +124,34 @@ static int read_cmdline(void)
 	return 0;
 }
 
+static ssize_t read_file(const char *path, char *buf, size_t len);
+
+// Greets, then names each pmem disk the guest found, its size and whether
+// the block layer offers DAX on it.
 static int mode_demo(void)
 {
 	say("pmemvm-init: hello from the pmemvm guest");
+	DIR *dir = opendir("/sys/block");
+	if (!dir) {
+		say("pmemvm-init: demo: /sys/block: %s", strerror(errno));
+		return 1;
+	}
+	int found = 0;
+	for (struct dirent *e; (e = readdir(dir));) {
+		if (strncmp(e->d_name, "pmem", 4))
+			continue;
+		char path[300], size[32] = "", dax[8] = "";
+		snprintf(path, sizeof(path), "/sys/block/%s/size", e->d_name);
+		read_file(path, size, sizeof(size));
+		snprintf(path, sizeof(path), "/sys/block/%s/queue/dax", e->d_name);
+		read_file(path, dax, sizeof(dax));
+		say("pmemvm-init: /dev/%s: %llu MiB, dax %s", e->d_name,
+		    strtoull(size, NULL, 10) / 2048, dax[0] == '1' ? "on" : "off");
+		found++;
+	}
+	closedir(dir);
+	if (!found)
+		say("pmemvm-init: no pmem disk (add one with --pmem file=PATH,size=SIZE)");
 	return 0;
 }
 
