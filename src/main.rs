@@ -66,6 +66,10 @@ struct BenchCommonArgs {
     /// Pages the uffd engine inserts per fault.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=512))]
     populate: Option<u16>,
+    /// Microseconds the uffd fault servicer polls for the next fault before
+    /// it sleeps (0 to 1000; default 0).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(0..=1000))]
+    poll_us: Option<u16>,
     /// The backing file: ext4 (written, synced), tmpfs or sparse.
     #[arg(long, default_value = "ext4")]
     backing: vmm::probe::BackingKind,
@@ -155,7 +159,7 @@ struct RunArgs {
     host_quirks: QuirksArg,
     /// A virtio-pmem disk backed by a host file, seen as /dev/pmemN in the
     /// guest: file=PATH[,size=SIZE][,readonly=on][,discard_writes=on]
-    /// [,engine=kernel|uffd|prefault][,populate=N]. Repeat for more disks.
+    /// [,engine=kernel|uffd|prefault][,populate=N][,poll_us=N]. Repeat for more disks.
     #[arg(long, value_name = "file=PATH[,...]")]
     pmem: Vec<PmemConfig>,
     /// Write device statistics as JSON to this file when the VM ends.
@@ -193,7 +197,10 @@ fn run_bench(what: BenchCommand) -> Result<(), vmm::probe::ProbeError> {
                 },
                 pattern: a.pattern,
                 pages: a.pages,
-                populate: a.common.populate,
+                uffd: vmm::probe::UffdOptions {
+                    populate: a.common.populate,
+                    poll_us: a.common.poll_us,
+                },
                 backing: a.common.backing,
                 dir: a.common.dir,
                 repeat: a.repeat,
@@ -211,7 +218,10 @@ fn run_bench(what: BenchCommand) -> Result<(), vmm::probe::ProbeError> {
                 dirty: a.dirty,
                 layout: a.layout,
                 region: a.region,
-                populate: a.common.populate,
+                uffd: vmm::probe::UffdOptions {
+                    populate: a.common.populate,
+                    poll_us: a.common.poll_us,
+                },
                 backing: a.common.backing,
                 dir: a.common.dir,
                 repeat: a.repeat,

@@ -28,21 +28,22 @@ fn page(path: &std::path::Path, index: u64) -> Vec<u8> {
 fn engines_write_back_exactly_the_dirty_pages() {
     let guest = guest();
     let dir = TempDir::new("engines");
-    // pmem0..2: exact counts per engine; pmem3..4: racing writers.
+    // pmem0..2: exact counts per engine; pmem3..4: racing writers, the
+    // uffd ones served by a polling servicer.
     let devices = [
-        ("kernel.img", "kernel"),
-        ("uffd.img", "uffd"),
-        ("prefault.img", "prefault"),
-        ("stress-kernel.img", "kernel"),
-        ("stress-uffd.img", "uffd"),
+        ("kernel.img", "kernel", ""),
+        ("uffd.img", "uffd", ""),
+        ("prefault.img", "prefault", ""),
+        ("stress-kernel.img", "kernel", ""),
+        ("stress-uffd.img", "uffd", ",poll_us=200"),
     ];
     let stats = dir.join("stats.json");
     let mut args = vec!["--vcpus".to_string(), "2".to_string()];
-    for (file, engine) in devices {
+    for (file, engine, extra) in devices {
         args.push("--pmem".into());
         args.push(pmem_arg(
             &dir.join(file),
-            &format!(",size=16M,engine={engine}"),
+            &format!(",size=16M,engine={engine}{extra}"),
         ));
     }
     args.push("--stats".into());
@@ -63,7 +64,7 @@ fn engines_write_back_exactly_the_dirty_pages() {
     let json: serde_json::Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
     let records = json["pmem"].as_array().unwrap();
     assert_eq!(records.len(), devices.len());
-    for (i, (file, engine)) in devices.iter().enumerate() {
+    for (i, (file, engine, _)) in devices.iter().enumerate() {
         let r = &records[i];
         assert_eq!(r["engine"], *engine, "{r}");
         let errors = r["errors"].as_object().unwrap();

@@ -30,8 +30,8 @@ use devices::size::parse_size;
 use devices::virtio::mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
 use devices::virtio::pmem::{
     FaultEngineKind, PmemBacking, PmemConfig, PmemDevice, PmemErrorKind, Writeback,
-    WritebackReport, DEFAULT_POPULATE, MAX_POPULATE, QUEUE_SIZE, VIRTIO_PMEM_REQ_TYPE_FLUSH,
-    VIRTIO_PMEM_RESP_OK,
+    WritebackReport, DEFAULT_POPULATE, MAX_POLL_US, MAX_POPULATE, QUEUE_SIZE,
+    VIRTIO_PMEM_REQ_TYPE_FLUSH, VIRTIO_PMEM_RESP_OK,
 };
 use devices::virtio::{VirtioDevice, VirtioInterrupt, DEVICE_ID_PMEM};
 use devices::Interrupt;
@@ -1001,7 +1001,10 @@ fn render(config: &PmemConfig) -> String {
         s.push_str(&format!(",size={size}"));
     }
     if config.engine == FaultEngineKind::Uffd {
-        s.push_str(&format!(",populate={}", config.populate));
+        s.push_str(&format!(
+            ",populate={},poll_us={}",
+            config.populate, config.poll_us
+        ));
     }
     s
 }
@@ -1031,6 +1034,11 @@ fn check_pmem_config(s: &str) {
                 Some(config.populate),
                 "populate of {s:?}"
             ),
+            "poll_us" => assert_eq!(
+                value.parse::<u16>().ok(),
+                Some(config.poll_us),
+                "poll_us of {s:?}"
+            ),
             "readonly" | "discard_writes" => {}
             _ => panic!("{s:?} accepted with unknown key {key:?}"),
         }
@@ -1057,6 +1065,16 @@ fn check_pmem_config(s: &str) {
         config.engine == FaultEngineKind::Uffd
             || (config.populate == DEFAULT_POPULATE && !keys.contains(&"populate")),
         "{s:?}: populate= without engine=uffd"
+    );
+    assert!(
+        config.poll_us <= MAX_POLL_US,
+        "{s:?}: poll_us {}",
+        config.poll_us
+    );
+    assert!(
+        config.engine == FaultEngineKind::Uffd
+            || (config.poll_us == 0 && !keys.contains(&"poll_us")),
+        "{s:?}: poll_us= without engine=uffd"
     );
     let again = render(&config);
     assert_eq!(

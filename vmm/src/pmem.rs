@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use devices::bus::Bus;
 use devices::virtio::mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
@@ -22,7 +23,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::cmdline::MmioDeviceSpec;
 use crate::fault::dirty_log::{DirtyLog, DirtyLogError};
-use crate::fault::uffd::UffdEngine;
+use crate::fault::uffd::{UffdEngine, UffdTuning};
 use crate::fault::write_through::PmemWriteThrough;
 use crate::fault::{DirtyLogWriteback, EngineShared, FaultStats, MappedRuns, TruncationGuard};
 use crate::layout::{self, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE};
@@ -249,7 +250,10 @@ pub fn attach(
                     backing.size(),
                     readonly,
                     backing.discard_writes(),
-                    config.populate,
+                    UffdTuning {
+                        populate: config.populate,
+                        poll: Duration::from_micros(config.poll_us.into()),
+                    },
                     shared.clone(),
                 )
                 .map_err(engine_err)?;

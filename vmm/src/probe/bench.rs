@@ -225,6 +225,14 @@ impl FaultEvent {
 }
 
 /// `pmemvm bench faults` options.
+/// `--populate` and `--poll-us`: the uffd engine's settings, where given
+/// (the others ignore them).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct UffdOptions {
+    pub populate: Option<u16>,
+    pub poll_us: Option<u16>,
+}
+
 #[derive(Debug, Clone)]
 pub struct FaultBenchConfig {
     pub engines: Vec<FaultEngineKind>,
@@ -232,8 +240,7 @@ pub struct FaultBenchConfig {
     pub pattern: PagePattern,
     /// Pages per op and run.
     pub pages: u64,
-    /// uffd pages per fault.
-    pub populate: Option<u16>,
+    pub uffd: UffdOptions,
     pub backing: BackingKind,
     /// Where backing files go; a default per backing kind otherwise.
     pub dir: Option<PathBuf>,
@@ -254,7 +261,7 @@ impl Default for FaultBenchConfig {
             ops: FaultOp::ALL.to_vec(),
             pattern: PagePattern::Sequential,
             pages: 4096,
-            populate: None,
+            uffd: UffdOptions::default(),
             backing: BackingKind::Ext4,
             dir: None,
             repeat: 3,
@@ -410,7 +417,8 @@ pub struct FaultBenchConfigRecord {
     pub ops: Vec<FaultOp>,
     pub pattern: String,
     pub pages: u64,
-    pub populate: Option<u16>,
+    #[serde(flatten)]
+    pub uffd: UffdOptions,
     pub backing: BackingKind,
     pub repeat: u32,
     pub seed: u64,
@@ -464,7 +472,7 @@ fn probe_timeout(samples: u64) -> Duration {
 fn build_probe(
     scratch: &mut ScratchDir,
     engine: FaultEngineKind,
-    populate: Option<u16>,
+    uffd: UffdOptions,
     region_pages: u64,
     steps: &[StepSpec],
 ) -> Result<Result<ProbeVm, String>, ProbeError> {
@@ -474,9 +482,14 @@ fn build_probe(
     let config = ProbeVmConfig {
         engine,
         populate: if engine == FaultEngineKind::Uffd {
-            populate.unwrap_or(DEFAULT_POPULATE)
+            uffd.populate.unwrap_or(DEFAULT_POPULATE)
         } else {
             DEFAULT_POPULATE
+        },
+        poll_us: if engine == FaultEngineKind::Uffd {
+            uffd.poll_us.unwrap_or(0)
+        } else {
+            0
         },
         backing: backing.clone(),
         region_pages,
@@ -497,11 +510,11 @@ fn build_probe(
 fn run_probe(
     scratch: &mut ScratchDir,
     engine: FaultEngineKind,
-    populate: Option<u16>,
+    uffd: UffdOptions,
     region_pages: u64,
     steps: &[StepSpec],
 ) -> Result<Result<ProbeRun, String>, ProbeError> {
-    match build_probe(scratch, engine, populate, region_pages, steps)? {
+    match build_probe(scratch, engine, uffd, region_pages, steps)? {
         Ok(vm) => vm.run().map(Ok),
         Err(reason) => Ok(Err(reason)),
     }
@@ -558,7 +571,7 @@ pub fn run_faults(config: &FaultBenchConfig) -> Result<FaultBenchReport, ProbeEr
         while i < engines.len() {
             let engine = engines[i];
             let started = Instant::now();
-            match run_probe(&mut scratch, engine, config.populate, region_pages, &steps)? {
+            match run_probe(&mut scratch, engine, config.uffd, region_pages, &steps)? {
                 Ok(run) => {
                     if config.progress {
                         eprintln!(
@@ -595,7 +608,7 @@ pub fn run_faults(config: &FaultBenchConfig) -> Result<FaultBenchReport, ProbeEr
             ops: config.ops.clone(),
             pattern: config.pattern.name(),
             pages: config.pages,
-            populate: config.populate,
+            uffd: config.uffd,
             backing: config.backing,
             repeat: config.repeat,
             seed: config.seed,
@@ -898,7 +911,7 @@ pub struct FlushBenchConfig {
     /// The pmem region in bytes (a multiple of 2 MiB); by default the
     /// least the dirty counts and layout need, at least 16 MiB.
     pub region: Option<u64>,
-    pub populate: Option<u16>,
+    pub uffd: UffdOptions,
     pub backing: BackingKind,
     pub dir: Option<PathBuf>,
     pub repeat: u32,
@@ -961,7 +974,7 @@ impl Default for FlushBenchConfig {
             dirty: vec![0, 1, 64, 4096],
             layout: FlushLayout::Contiguous,
             region: None,
-            populate: None,
+            uffd: UffdOptions::default(),
             backing: BackingKind::Ext4,
             dir: None,
             repeat: 10,
@@ -1000,7 +1013,8 @@ pub struct FlushBenchConfigRecord {
     pub dirty: Vec<u64>,
     pub layout: FlushLayout,
     pub region_pages: u64,
-    pub populate: Option<u16>,
+    #[serde(flatten)]
+    pub uffd: UffdOptions,
     pub backing: BackingKind,
     pub repeat: u32,
 }
@@ -1060,7 +1074,7 @@ pub fn run_flush(config: &FlushBenchConfig) -> Result<FlushBenchReport, ProbeErr
     let mut skipped = Vec::new();
     let mut vms = Vec::new();
     for &engine in &config.engines {
-        match build_probe(&mut scratch, engine, config.populate, region_pages, &steps)? {
+        match build_probe(&mut scratch, engine, config.uffd, region_pages, &steps)? {
             Ok(vm) => vms.push((vm, engine)),
             Err(reason) => {
                 if config.progress {
@@ -1128,7 +1142,7 @@ pub fn run_flush(config: &FlushBenchConfig) -> Result<FlushBenchReport, ProbeErr
             dirty: config.dirty.clone(),
             layout: config.layout,
             region_pages,
-            populate: config.populate,
+            uffd: config.uffd,
             backing: config.backing,
             repeat: config.repeat,
         },

@@ -21,7 +21,7 @@ pub use crate::kvm_stats::{KvmStats, KvmStatsError};
 pub use backing::BackingKind;
 pub use bench::{
     run_faults, run_flush, FaultBenchConfig, FaultBenchReport, FaultOp, FlushBenchConfig,
-    FlushBenchReport, FlushLayout, PagePattern,
+    FlushBenchReport, FlushLayout, PagePattern, UffdOptions,
 };
 pub use guest::{PageOrder, StepOp, StepSpec};
 pub use vm::{ProbeRun, ProbeVm, ProbeVmConfig, StepResult};

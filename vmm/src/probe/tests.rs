@@ -37,6 +37,7 @@ fn run(
     let config = ProbeVmConfig {
         engine,
         populate: DEFAULT_POPULATE,
+        poll_us: 0,
         backing,
         region_pages,
         timeout: Duration::from_secs(20),
@@ -102,6 +103,7 @@ fn random_writes_touch_every_page_of_the_window() {
     let config = ProbeVmConfig {
         engine: FaultEngineKind::Kernel,
         populate: DEFAULT_POPULATE,
+        poll_us: 0,
         backing: backing.clone(),
         region_pages: 512,
         timeout: Duration::from_secs(20),
@@ -164,6 +166,7 @@ fn a_paused_probe_resumes_where_it_stopped() {
     let config = ProbeVmConfig {
         engine: FaultEngineKind::Kernel,
         populate: DEFAULT_POPULATE,
+        poll_us: 0,
         backing,
         region_pages: 512,
         timeout: Duration::from_secs(20),

@@ -62,6 +62,8 @@ pub struct ProbeVmConfig {
     pub engine: FaultEngineKind,
     /// Pages per fault for the uffd engine; ignored by the others.
     pub populate: u16,
+    /// The uffd servicer's polling window in µs; ignored by the others.
+    pub poll_us: u16,
     /// The backing file; created (or grown sparse) to the region's size.
     pub backing: PathBuf,
     /// Size of the pmem region in 4 KiB pages; rounded up to 2 MiB.
@@ -251,6 +253,7 @@ impl ProbeVm {
             discard_writes: false,
             engine: config.engine,
             populate: config.populate,
+            poll_us: config.poll_us,
         };
         let pmem = pmem::attach(
             &kvm,

@@ -29,6 +29,10 @@ pub struct PmemConfig {
     pub engine: FaultEngineKind,
     /// Pages the uffd engine inserts per fault (1..=512).
     pub populate: u16,
+    /// Microseconds the uffd fault servicer keeps polling for the next
+    /// fault before it sleeps (0..=1000, default 0): a faulting vCPU then
+    /// waits for no wake-up, at the price of a busy CPU while faults come.
+    pub poll_us: u16,
 }
 
 /// `engine=`: who populates the guest's pmem pages and catches first writes.
@@ -70,6 +74,8 @@ impl FromStr for FaultEngineKind {
 /// Default pages per uffd fault: the vm_insert_range lesson.
 pub const DEFAULT_POPULATE: u16 = 16;
 pub const MAX_POPULATE: u16 = 512;
+/// Longest uffd busy-poll window, as KVM's halt polling is bounded.
+pub const MAX_POLL_US: u16 = 1000;
 
 /// Errors in a `--pmem` option value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -78,7 +84,7 @@ pub enum PmemConfigError {
     MissingFile,
     #[error("--pmem option `{0}` is not of the form key=value")]
     NotKeyValue(String),
-    #[error("--pmem option `{0}` is unknown (expected file, size, readonly, discard_writes, engine, populate)")]
+    #[error("--pmem option `{0}` is unknown (expected file, size, readonly, discard_writes, engine, populate, poll_us)")]
     UnknownKey(String),
     #[error("--pmem option `{0}` is given twice")]
     DuplicateKey(String),
@@ -92,8 +98,10 @@ pub enum PmemConfigError {
     BadEngine(String),
     #[error("--pmem populate={0}: expected a page count from 1 to {MAX_POPULATE}")]
     BadPopulate(String),
-    #[error("--pmem populate= only applies to engine=uffd")]
-    PopulateWithoutUffd,
+    #[error("--pmem poll_us={0}: expected microseconds from 0 to {MAX_POLL_US}")]
+    BadPollUs(String),
+    #[error("--pmem {0}= only applies to engine=uffd")]
+    UffdOnly(&'static str),
     #[error("--pmem readonly=on and discard_writes=on contradict each other: drop one of them")]
     ReadonlyAndDiscard,
 }
@@ -119,6 +127,7 @@ impl FromStr for PmemConfig {
         let mut discard_writes = None;
         let mut engine = None;
         let mut populate = None;
+        let mut poll_us = None;
         for part in s.split(',') {
             let (key, value) = part
                 .split_once('=')
@@ -138,6 +147,15 @@ impl FromStr for PmemConfig {
                             .ok_or_else(|| PmemConfigError::BadPopulate(value.to_string()))?,
                     )
                     .is_some(),
+                "poll_us" => poll_us
+                    .replace(
+                        value
+                            .parse::<u16>()
+                            .ok()
+                            .filter(|n| *n <= MAX_POLL_US)
+                            .ok_or_else(|| PmemConfigError::BadPollUs(value.to_string()))?,
+                    )
+                    .is_some(),
                 _ => return Err(PmemConfigError::UnknownKey(key.to_string())),
             };
             if duplicate {
@@ -155,12 +173,18 @@ impl FromStr for PmemConfig {
             discard_writes: discard_writes.unwrap_or(false),
             engine: engine.unwrap_or_default(),
             populate: populate.unwrap_or(DEFAULT_POPULATE),
+            poll_us: poll_us.unwrap_or(0),
         };
         if config.readonly && config.discard_writes {
             return Err(PmemConfigError::ReadonlyAndDiscard);
         }
-        if populate.is_some() && config.engine != FaultEngineKind::Uffd {
-            return Err(PmemConfigError::PopulateWithoutUffd);
+        if config.engine != FaultEngineKind::Uffd {
+            if populate.is_some() {
+                return Err(PmemConfigError::UffdOnly("populate"));
+            }
+            if poll_us.is_some() {
+                return Err(PmemConfigError::UffdOnly("poll_us"));
+            }
         }
         Ok(config)
     }
@@ -514,6 +538,7 @@ pub(crate) mod tests {
                 discard_writes: true,
                 engine: FaultEngineKind::Kernel,
                 populate: DEFAULT_POPULATE,
+                poll_us: 0,
             }
         );
         let c: PmemConfig = "readonly=on,file=x".parse().unwrap();
@@ -525,7 +550,12 @@ pub(crate) mod tests {
     #[test]
     fn parses_engine_and_populate() {
         let c: PmemConfig = "file=x,engine=uffd,populate=512".parse().unwrap();
-        assert_eq!((c.engine, c.populate), (FaultEngineKind::Uffd, 512));
+        assert_eq!(
+            (c.engine, c.populate, c.poll_us),
+            (FaultEngineKind::Uffd, 512, 0)
+        );
+        let c: PmemConfig = "file=x,engine=uffd,poll_us=200".parse().unwrap();
+        assert_eq!((c.populate, c.poll_us), (DEFAULT_POPULATE, 200));
         let c: PmemConfig = "file=x,engine=prefault".parse().unwrap();
         assert_eq!(c.engine, FaultEngineKind::Prefault);
         let err = |s: &str| s.parse::<PmemConfig>().unwrap_err();
@@ -541,8 +571,18 @@ pub(crate) mod tests {
         }
         assert_eq!(
             err("file=x,populate=4"),
-            PmemConfigError::PopulateWithoutUffd
+            PmemConfigError::UffdOnly("populate")
         );
+        assert_eq!(
+            err("file=x,engine=kernel,poll_us=10"),
+            PmemConfigError::UffdOnly("poll_us")
+        );
+        for bad in ["1001", "-1", "x", ""] {
+            assert_eq!(
+                err(&format!("file=x,engine=uffd,poll_us={bad}")),
+                PmemConfigError::BadPollUs(bad.into())
+            );
+        }
         assert_eq!(
             err("file=x,engine=uffd,engine=kernel"),
             PmemConfigError::DuplicateKey("engine".into())
@@ -678,6 +718,7 @@ pub(crate) mod tests {
             discard_writes: true,
             engine: FaultEngineKind::Kernel,
             populate: DEFAULT_POPULATE,
+            poll_us: 0,
         };
         assert!(matches!(
             PmemBacking::open(&c),
