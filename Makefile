@@ -55,13 +55,18 @@ $(addprefix bench-,$(BENCHES)): bench-%: guest build
 
 # Flush requests timed end to end in the probe guest (guest request to
 # guest completion), per engine, beside host fdatasync/fsync/msync.
+# Raw figures and their figures (pmemvm report) go to target/bench/.
 bench-flush: build
-	$(PMEMVM) bench flush --dirty 0,1,64 --layout contiguous
-	$(PMEMVM) bench flush --dirty 64 --layout scattered
+	mkdir -p target/bench
+	$(PMEMVM) bench flush --dirty 0,1,64,4096 --layout contiguous --json target/bench/flush.json
+	$(PMEMVM) report target/bench/flush.json --svg target/bench/flush.svg >/dev/null
+	$(PMEMVM) bench flush --dirty 64 --layout scattered --json target/bench/flush-scattered.json
 
 # First-touch, mkwrite and re-dirty costs per engine in the probe guest.
 bench-faults: build
-	$(PMEMVM) bench faults
+	mkdir -p target/bench
+	$(PMEMVM) bench faults --json target/bench/faults.json
+	$(PMEMVM) report target/bench/faults.json --svg target/bench/faults.svg >/dev/null
 
 # Every cargo-fuzz target in fuzz/ for FUZZ_SECONDS each, then the executions
 # per target. Needs `cargo install cargo-fuzz`; see fuzz/README.md.
