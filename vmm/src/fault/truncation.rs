@@ -257,18 +257,26 @@ mod tests {
         result
     }
 
+    impl Mapped {
+        /// A writable guard over the whole mapping, and its engine state.
+        fn guard(&self) -> (Arc<EngineShared>, TruncationGuard) {
+            let shared = EngineShared::new(self.size as u64);
+            let guard = TruncationGuard::new(
+                self.file.try_clone().unwrap(),
+                "t".into(),
+                self.addr,
+                self.size as u64,
+                false,
+                shared.clone(),
+            );
+            (shared, guard)
+        }
+    }
+
     #[test]
     fn shrink_is_overlaid_and_flushes_fail_for_good() {
         let m = Mapped::new("overlay", 8);
-        let shared = EngineShared::new(8 * PAGE_SIZE);
-        let guard = TruncationGuard::new(
-            m.file.try_clone().unwrap(),
-            "t".into(),
-            m.addr,
-            8 * PAGE_SIZE,
-            false,
-            shared.clone(),
-        );
+        let (shared, guard) = m.guard();
         assert!(!guard.check().unwrap(), "nothing to do at full size");
         // SAFETY: inside the live mapping.
         unsafe { *m.addr.add(PAGE_SIZE as usize * 5) = 9 };
@@ -308,15 +316,7 @@ mod tests {
     #[test]
     fn stores_inside_the_file_are_not_taken() {
         let m = Mapped::new("inside", 4);
-        let shared = EngineShared::new(4 * PAGE_SIZE);
-        let guard = TruncationGuard::new(
-            m.file.try_clone().unwrap(),
-            "t".into(),
-            m.addr,
-            4 * PAGE_SIZE,
-            false,
-            shared.clone(),
-        );
+        let (shared, guard) = m.guard();
         assert!(!guard.store_past_eof(PAGE_SIZE, b"abc").unwrap());
         let mut b = [0u8; 3];
         assert!(!guard.load_past_eof(PAGE_SIZE, &mut b).unwrap());
