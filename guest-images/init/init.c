@@ -21,6 +21,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 #include <x86intrin.h>
@@ -66,6 +67,9 @@ static void say(const char *fmt, ...)
 static void __attribute__((noreturn)) vm_exit(int status)
 {
 	unsigned char b = (unsigned char)status;
+	// The serial driver sends queued output later, by interrupt: wait for
+	// it, or the exit port ends the VM before the last lines leave.
+	tcdrain(1);
 	int fd = open("/dev/port", O_WRONLY);
 	if (fd >= 0) {
 		if (pwrite(fd, &b, 1, PMEMVM_EXIT_PORT) != 1)
