@@ -70,7 +70,11 @@ impl TruncationGuard {
     /// the pages past its end. Returns whether this call mapped anything
     /// new (the caller may retry what failed at once).
     pub fn check(&self) -> io::Result<bool> {
-        let len = self.file.metadata()?.len();
+        self.overlay_past(self.file.metadata()?.len())
+    }
+
+    /// `check` for a file length the caller has just read.
+    fn overlay_past(&self, len: u64) -> io::Result<bool> {
         if len >= self.size {
             return Ok(false);
         }
@@ -117,20 +121,31 @@ impl TruncationGuard {
         Ok(true)
     }
 
+    /// Whether the guard serves an emulated access of `len` bytes at
+    /// `offset`: one inside the device that reaches past the file's end,
+    /// or any once the file was truncated. If so, overlays what shrank and
+    /// returns the file's length (read once) and the cut.
+    fn takes(&self, offset: u64, len: usize) -> io::Result<Option<(u64, u64)>> {
+        let end = offset.saturating_add(len as u64);
+        if end > self.size {
+            return Ok(None);
+        }
+        let file_len = self.file.metadata()?.len();
+        if end <= file_len && !self.shared.truncated() {
+            return Ok(None);
+        }
+        self.overlay_past(file_len)?;
+        Ok(Some((file_len, self.cut())))
+    }
+
     /// Serves an emulated guest store at `offset` that the host could not
     /// map, if it lies past the end of the file: the overlay takes it, and
     /// the file is never written (that would grow it back). Returns false
     /// when the store is inside the file and should be written there.
     pub fn store_past_eof(&self, offset: u64, data: &[u8]) -> io::Result<bool> {
-        let end = offset.saturating_add(data.len() as u64);
-        if end > self.size {
+        let Some((len, cut)) = self.takes(offset, data.len())? else {
             return Ok(false);
-        }
-        if end <= self.file.metadata()?.len() && !self.shared.truncated() {
-            return Ok(false);
-        }
-        self.check()?;
-        let cut = self.cut();
+        };
         if offset >= cut {
             // SAFETY: offset..end lies in the overlay (cut..size), anonymous
             // memory that is never unmapped while the guard lives, so the
@@ -146,8 +161,8 @@ impl TruncationGuard {
         }
         // Inside the file's last pages: write what the file still holds,
         // drop the part past its end, as the kernel does for the mapping.
-        let len = self.file.metadata()?.len();
         if offset < len {
+            let end = offset + data.len() as u64;
             let keep = (len.min(end) - offset) as usize;
             self.file.write_all_at(&data[..keep], offset)?;
         }
@@ -158,15 +173,10 @@ impl TruncationGuard {
     /// overlay past the cut, from the file before it (zeroes past its end).
     /// Returns false when the load is inside the file.
     pub fn load_past_eof(&self, offset: u64, data: &mut [u8]) -> io::Result<bool> {
-        let end = offset.saturating_add(data.len() as u64);
-        if end > self.size {
+        let Some((_, cut)) = self.takes(offset, data.len())? else {
             return Ok(false);
-        }
-        if end <= self.file.metadata()?.len() && !self.shared.truncated() {
-            return Ok(false);
-        }
-        self.check()?;
-        if offset >= self.cut() {
+        };
+        if offset >= cut {
             // SAFETY: as in store_past_eof, the range is in the overlay.
             unsafe {
                 std::ptr::copy_nonoverlapping(
