@@ -103,16 +103,7 @@ fn bench() -> Result<(), String> {
 
 /// Spawns `cmd` and times it until init's first line, then kills it.
 fn boot(cmd: &mut Command, timeout: Duration) -> Result<Sample, String> {
-    let mut vm = Running::spawn(cmd, timeout)?;
-    loop {
-        match vm.next_line() {
-            Ok(Some(l)) if l.contains(INIT_STARTED) => break,
-            Ok(Some(_)) => {}
-            Ok(None) => return Err(vm.fail("exited before init started")),
-            Err(why) => return Err(vm.fail(&format!("no \"{INIT_STARTED}\": {why}"))),
-        }
-    }
-    let secs = vm.elapsed();
+    let (vm, secs) = Running::spawn_to_init(cmd, timeout)?;
     let cmdline = vm.finish(Duration::ZERO).cmdline;
     Ok(Sample { secs, cmdline })
 }

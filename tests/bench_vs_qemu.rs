@@ -34,7 +34,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
-use vmbench::{Guest, Running, INIT_STARTED};
+use vmbench::{Guest, Running};
 
 const GUEST_WORDS: &str = "pmemvm_mode=dax pmemvm_dax=ext4:pmem0";
 const SAY: &str = "pmemvm-init: ";
@@ -297,17 +297,11 @@ fn parse(line: &str) -> Said {
 /// VMM exit (the init powers off right after). `Err` only when init never
 /// started; later trouble is the run's `problem`.
 fn run_dax(cmd: &mut Command, timeout: Duration) -> Result<Run, String> {
-    let mut vm = Running::spawn(cmd, timeout)?;
-    let mut run = Run::default();
-    loop {
-        match vm.next_line() {
-            Ok(Some(l)) if l.contains(INIT_STARTED) => break,
-            Ok(Some(_)) => {}
-            Ok(None) => return Err(vm.fail("exited before init started")),
-            Err(why) => return Err(vm.fail(&format!("no \"{INIT_STARTED}\": {why}"))),
-        }
-    }
-    run.boot = vm.elapsed();
+    let (mut vm, boot) = Running::spawn_to_init(cmd, timeout)?;
+    let mut run = Run {
+        boot,
+        ..Run::default()
+    };
     loop {
         match vm.next_line() {
             Ok(Some(l)) => match parse(&l) {

@@ -174,6 +174,23 @@ impl Running {
         })
     }
 
+    /// Spawns `cmd` and reads lines until init's first one; returns the
+    /// process and the seconds that took, or why init never started.
+    pub fn spawn_to_init(cmd: &mut Command, timeout: Duration) -> Result<(Running, f64), String> {
+        let mut vm = Running::spawn(cmd, timeout)?;
+        loop {
+            match vm.next_line() {
+                Ok(Some(l)) if l.contains(INIT_STARTED) => {
+                    let secs = vm.elapsed();
+                    return Ok((vm, secs));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(vm.fail("exited before init started")),
+                Err(why) => return Err(vm.fail(&format!("no \"{INIT_STARTED}\": {why}"))),
+            }
+        }
+    }
+
     /// Seconds since the spawn.
     pub fn elapsed(&self) -> f64 {
         self.start.elapsed().as_secs_f64()
