@@ -7,82 +7,21 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/../target/guest}
-cache=${PMEMVM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pmemvm}
-src_pkg=linux-source-6.1
-src_tar=/usr/src/linux-source-6.1.tar.xz
-jobs=${JOBS:-$(nproc)}
+tag=guest
+. "$here/lib.sh"
 
-say() { printf '[guest] %s\n' "$*" >&2; }
-die() { printf '[guest] error: %s\n' "$*" >&2; exit 1; }
-need_tool() {
-    command -v "$1" >/dev/null 2>&1 ||
-        die "missing tool '$1': install the Debian package '$2' (make deps does this)"
-}
-
-for t in "gcc gcc" "make make" "flex flex" "bison bison" "bc bc" "xz xz-utils" \
-         "patch patch" "musl-gcc musl-tools" "gzip gzip" "sha256sum coreutils"; do
-    need_tool $t
-done
-[ -f /usr/include/libelf.h ] || die "missing libelf headers: install the Debian package 'libelf-dev'"
-[ -f /usr/include/openssl/ssl.h ] || die "missing OpenSSL headers: install the Debian package 'libssl-dev'"
-[ -f "$src_tar" ] || die "missing $src_tar: install the Debian package '$src_pkg'"
-
-src_ver=$(dpkg-query -W -f='${Version}' "$src_pkg" 2>/dev/null || echo unknown)
-# Contents only: sha256sum's own output names each file by its path, which
-# would make every checkout (CI clones, worktrees) miss the cache.
-hash_of() { for f in "$@"; do sha256sum < "$f"; done | sha256sum | cut -c1-16; }
+need_kernel_tools
+need_tool musl-gcc musl-tools
 
 # --- kernel -----------------------------------------------------------------
-kernel_key=$( { echo "$src_ver"; hash_of "$here/kernel.config" "$here"/patches/*.patch "$here/build.sh"; } | sha256sum | cut -c1-16)
+kernel_key=$( { src_ver; hash_of "$here/kernel.config" "$here"/patches/*.patch "$here/build.sh" "$here/lib.sh"; } | sha256sum | cut -c1-16)
 kdir=$cache/kernel-$kernel_key
 if [ -f "$kdir/vmlinux" ]; then
     say "kernel: cached in $kdir"
 else
-    say "kernel: building $src_pkg ($src_ver) into $kdir; about 7 min with 2 cores"
-    mkdir -p "$cache"
-    work=$(mktemp -d "$cache/build-kernel.XXXXXX")
-    trap 'rm -rf "$work"' EXIT
-    say "kernel: unpacking $src_tar"
-    tar -C "$work" -xf "$src_tar"
-    ksrc=$work/linux-source-6.1
-    for p in "$here"/patches/*.patch; do
-        say "kernel: applying $(basename "$p")"
-        patch -d "$ksrc" -p1 --quiet --forward < "$p"
-    done
-    log=$work/build.log
-    say "kernel: configuring (tinyconfig + guest-images/kernel.config)"
-    make -C "$ksrc" -s tinyconfig > "$log" 2>&1
-    "$ksrc/scripts/kconfig/merge_config.sh" -m -O "$ksrc" "$ksrc/.config" "$here/kernel.config" >> "$log" 2>&1
-    make -C "$ksrc" -s olddefconfig >> "$log" 2>&1
-    # A fragment line that did not stick means a dependency is missing: fail
-    # now rather than boot a guest without the feature.
-    while IFS= read -r line; do
-        case "$line" in
-        CONFIG_*=*) grep -qxF "$line" "$ksrc/.config" || die "kernel config: '$line' did not apply (check its dependencies)" ;;
-        "# CONFIG_"*" is not set")
-            sym=${line#\# }; sym=${sym%% *}
-            ! grep -q "^$sym=" "$ksrc/.config" || die "kernel config: '$sym' is still set" ;;
-        esac
-    done < "$here/kernel.config"
-    say "kernel: compiling with $jobs jobs (log: $log)"
-    make -C "$ksrc" -j"$jobs" vmlinux bzImage >> "$log" 2>&1 &
-    mk=$!
-    while kill -0 "$mk" 2>/dev/null; do
-        sleep 20
-        kill -0 "$mk" 2>/dev/null || break
-        say "kernel: $(grep -c '^  CC' "$log" || true) files compiled so far"
-    done
-    if ! wait "$mk"; then
-        tail -n 40 "$log" >&2
-        die "kernel build failed; full log above was in $log"
-    fi
-    stage=$work/out
-    mkdir -p "$stage"
-    cp "$ksrc/vmlinux" "$ksrc/arch/x86/boot/bzImage" "$ksrc/.config" "$ksrc/usr/gen_init_cpio" "$stage/"
-    rm -rf "$kdir"
-    mv "$stage" "$kdir"
-    rm -rf "$work"
-    trap - EXIT
+    say "kernel: building $src_pkg ($(src_ver)) into $kdir; about 7 min with 2 cores"
+    build_kernel "$kdir" tinyconfig "$here/kernel.config" "vmlinux bzImage" \
+        "vmlinux arch/x86/boot/bzImage usr/gen_init_cpio" "$here"/patches/*.patch
     say "kernel: done ($(du -h "$kdir/vmlinux" | cut -f1) vmlinux, $(du -h "$kdir/bzImage" | cut -f1) bzImage)"
 fi
 
@@ -115,4 +54,7 @@ mkdir -p "$out"
 ln -sfn "$kdir/vmlinux" "$out/vmlinux"
 ln -sfn "$kdir/bzImage" "$out/bzImage"
 ln -sfn "$idir/initramfs.cpio.gz" "$out/initramfs.cpio.gz"
+# For images built on top of this one (stock-kernel/build.sh).
+ln -sfn "$idir/init" "$out/init"
+ln -sfn "$kdir/gen_init_cpio" "$out/gen_init_cpio"
 say "ready: $out/{vmlinux,bzImage,initramfs.cpio.gz}"
