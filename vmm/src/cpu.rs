@@ -14,6 +14,11 @@ use crate::layout::{BOOT_STACK_TOP, GDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, ZER
 pub enum CpuError {
     #[error("cannot write boot {0} into guest memory")]
     GuestWrite(&'static str),
+    #[error(
+        "{who} needs CPU features that KVM does not offer here: {missing}. The host CPU \
+         (or the CPU model its own VMM gives it, such as QEMU's -cpu) lacks them"
+    )]
+    MissingFeatures { who: &'static str, missing: String },
     #[error("vCPU {vcpu}: {what} failed: {source}")]
     Kvm {
         vcpu: u8,
@@ -192,6 +197,148 @@ pub fn vcpu_cpuid(base: &CpuId, id: u8, count: u8) -> CpuId {
     cpuid
 }
 
+/// A CPUID feature bit that pmemvm or its guests rely on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Feature {
+    pub name: &'static str,
+    leaf: u32,
+    /// true: EDX, false: ECX.
+    edx: bool,
+    bit: u8,
+}
+
+impl Feature {
+    const fn edx(name: &'static str, leaf: u32, bit: u8) -> Self {
+        Self {
+            name,
+            leaf,
+            edx: true,
+            bit,
+        }
+    }
+
+    const fn ecx(name: &'static str, leaf: u32, bit: u8) -> Self {
+        Self {
+            name,
+            leaf,
+            edx: false,
+            bit,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} (CPUID {:#x} {} bit {})",
+            self.name,
+            self.leaf,
+            if self.edx { "EDX" } else { "ECX" },
+            self.bit
+        )
+    }
+}
+
+pub const FPU: Feature = Feature::edx("fpu", 1, 0);
+pub const PSE: Feature = Feature::edx("pse", 1, 3);
+pub const TSC: Feature = Feature::edx("tsc", 1, 4);
+pub const MSR: Feature = Feature::edx("msr", 1, 5);
+pub const PAE: Feature = Feature::edx("pae", 1, 6);
+pub const CX8: Feature = Feature::edx("cx8", 1, 8);
+pub const APIC: Feature = Feature::edx("apic", 1, 9);
+pub const PGE: Feature = Feature::edx("pge", 1, 13);
+pub const CMOV: Feature = Feature::edx("cmov", 1, 15);
+pub const FXSR: Feature = Feature::edx("fxsr", 1, 24);
+pub const SSE: Feature = Feature::edx("sse", 1, 25);
+pub const SSE2: Feature = Feature::edx("sse2", 1, 26);
+pub const TSC_DEADLINE: Feature = Feature::ecx("tsc_deadline_timer", 1, 24);
+pub const RDTSCP: Feature = Feature::edx("rdtscp", 0x8000_0001, 27);
+pub const LM: Feature = Feature::edx("lm", 0x8000_0001, 29);
+
+/// What a 64-bit Linux refuses to boot without (REQUIRED_MASK0/1 in
+/// arch/x86/include/asm/required-features.h; without them it halts in
+/// verify_cpu and prints nothing), and the local APIC that pmemvm's MP
+/// table and irqchip give it.
+pub const LINUX_BOOT: &[Feature] = &[
+    FPU, PSE, TSC, MSR, PAE, CX8, APIC, PGE, CMOV, FXSR, SSE, SSE2, LM,
+];
+
+/// The features `wanted` that `cpuid` lacks.
+pub fn missing_features(cpuid: &CpuId, wanted: &[Feature]) -> Vec<Feature> {
+    wanted
+        .iter()
+        .copied()
+        .filter(|f| {
+            !cpuid.as_slice().iter().any(|e| {
+                e.function == f.leaf
+                    && e.index == 0
+                    && (if f.edx { e.edx } else { e.ecx }) & (1 << f.bit) != 0
+            })
+        })
+        .collect()
+}
+
+/// Sets `feature` in sub-leaf 0 of its leaf.
+pub fn set_feature(cpuid: &mut CpuId, feature: Feature) {
+    for e in cpuid.as_mut_slice() {
+        if e.function == feature.leaf && e.index == 0 {
+            if feature.edx {
+                e.edx |= 1 << feature.bit;
+            } else {
+                e.ecx |= 1 << feature.bit;
+            }
+        }
+    }
+}
+
+/// The host CPU's own CPUID for the leaves of `wanted`, as a CpuId.
+fn host_cpuid(wanted: &[Feature]) -> Option<CpuId> {
+    let mut leaves: Vec<u32> = wanted.iter().map(|f| f.leaf).collect();
+    leaves.sort_unstable();
+    leaves.dedup();
+    let entries: Vec<kvm_bindings::kvm_cpuid_entry2> = leaves
+        .into_iter()
+        .map(|leaf| {
+            let r = core::arch::x86_64::__cpuid_count(leaf, 0);
+            kvm_bindings::kvm_cpuid_entry2 {
+                function: leaf,
+                eax: r.eax,
+                ebx: r.ebx,
+                ecx: r.ecx,
+                edx: r.edx,
+                ..Default::default()
+            }
+        })
+        .collect();
+    CpuId::from_entries(&entries).ok()
+}
+
+/// Fails, naming each missing feature, unless the guest's CPU has all of
+/// `wanted`. That CPU is KVM's supported CPUID, except on nested
+/// shadow-paging hosts, where the guest sees the host's own CPUID whatever
+/// KVM_SET_CPUID2 says (PLATFORM.md).
+pub fn require_features(
+    cpuid: &CpuId,
+    host: crate::host::HostKind,
+    wanted: &[Feature],
+    who: &'static str,
+) -> Result<(), CpuError> {
+    let missing = if host == crate::host::HostKind::NestedShadow {
+        host_cpuid(wanted).map_or_else(|| wanted.to_vec(), |c| missing_features(&c, wanted))
+    } else {
+        missing_features(cpuid, wanted)
+    };
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(CpuError::MissingFeatures {
+        who,
+        missing: missing
+            .iter()
+            .map(Feature::describe)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, kvm_ioctls::Error> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
 }
@@ -275,6 +422,7 @@ pub fn configure_vcpu(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::HostKind;
 
     #[test]
     fn gdt_segments_are_flat_long_mode() {
@@ -327,6 +475,46 @@ mod tests {
         let s = wire_lint(kvm_lapic_state::default());
         assert_eq!((lapic_reg(&s, APIC_LVT0) >> 8) & 7, APIC_MODE_EXTINT);
         assert_eq!((lapic_reg(&s, APIC_LVT1) >> 8) & 7, APIC_MODE_NMI);
+    }
+
+    #[test]
+    fn nested_hosts_check_the_host_cpu() {
+        // This test runs on x86_64, which has these: an empty KVM CPUID
+        // must not matter where the guest sees the host's CPUID.
+        let empty = CpuId::new(0).unwrap();
+        assert!(require_features(&empty, HostKind::NestedShadow, &[FPU, LM, SSE2], "t").is_ok());
+        assert!(require_features(&empty, HostKind::Hardware, &[FPU], "t").is_err());
+    }
+
+    #[test]
+    fn missing_features_are_named() {
+        let mut cpuid = CpuId::new(2).unwrap();
+        let e = &mut cpuid.as_mut_slice()[0];
+        e.function = 1;
+        e.edx = (1 << 4) | (1 << 26);
+        let e = &mut cpuid.as_mut_slice()[1];
+        e.function = 0x8000_0001;
+        e.edx = 1 << 29;
+        assert!(missing_features(&cpuid, &[TSC, SSE2, LM]).is_empty());
+        assert_eq!(missing_features(&cpuid, &[TSC, RDTSCP, LM]), vec![RDTSCP]);
+        let msg = require_features(
+            &cpuid,
+            HostKind::Hardware,
+            &[RDTSCP, FPU],
+            "the probe guest",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("the probe guest needs")
+                && msg.contains("rdtscp (CPUID 0x80000001 EDX bit 27), fpu (CPUID 0x1 EDX bit 0)"),
+            "{msg}"
+        );
+        set_feature(&mut cpuid, TSC_DEADLINE);
+        assert!(missing_features(&cpuid, &[TSC_DEADLINE, TSC]).is_empty());
+        // A sub-leaf other than 0 does not count.
+        cpuid.as_mut_slice()[1].index = 1;
+        assert_eq!(missing_features(&cpuid, &[LM]), vec![LM]);
     }
 
     #[test]

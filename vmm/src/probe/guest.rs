@@ -16,7 +16,11 @@
 //! page's [`CONTROL_STEP`] register, an MMIO exit where the VMM samples its
 //! counters; at the end it writes the status to [`CONTROL_EXIT`] (0 =
 //! success, see [`ProbeExitCode`]). It uses no stack, no interrupts and no
-//! guest kernel.
+//! guest kernel. An exception (say #UD for an instruction the CPU model
+//! lacks) enters one of the [`VECTORS`] stubs at CPL0, which stores the
+//! vector, error code and RIP in the parameter header and writes the vector
+//! to [`CONTROL_FAULT`]: the VMM reports it, where a triple fault would
+//! leave nothing to read (on SVM, KVM resets the vCPU on shutdown).
 //!
 //! Why MMIO and not `out` to the exit port: on nested shadow-paging KVM
 //! (kvm_pvm) `out` at CPL3 raises #GP even with RFLAGS.IOPL = 3, and with
@@ -35,6 +39,11 @@ use std::arch::global_asm;
 pub const CONTROL_STEP: u64 = 0;
 /// ...and its exit status here at the end.
 pub const CONTROL_EXIT: u64 = 8;
+/// The exception handler writes the vector here.
+pub const CONTROL_FAULT: u64 = 16;
+/// Exception vectors with a stub; each stub is [`VECTOR_STUB`] bytes.
+pub const VECTORS: u8 = 32;
+pub const VECTOR_STUB: usize = 16;
 pub const PROBE_MAGIC: u64 = 0x6562_6f72_706d_6d70; // "pmmprobe"
 
 /// Multiplier and increment of the probe's LCG (Knuth's MMIX); A = 1 mod 4
@@ -52,6 +61,9 @@ pub const HDR_RESPONSE: usize = 40;
 pub const HDR_QUEUE_MASK: usize = 48;
 pub const HDR_STEPS_DONE: usize = 56;
 pub const HDR_CONTROL: usize = 64;
+pub const HDR_FAULT_VECTOR: usize = 72;
+pub const HDR_FAULT_ERROR: usize = 80;
+pub const HDR_FAULT_RIP: usize = 88;
 /// Where the step list starts, from the start of the parameter pages.
 pub const STEPS_OFFSET: usize = 0x100;
 
@@ -222,6 +234,34 @@ global_asm!(
     ".Lprobe_flush_failed:",
     "    mov eax, 2",
     "    jmp .Lprobe_exit",
+    // Exception stubs, one per vector, VECTOR_STUB bytes apart. The CPU
+    // pushes an error code for some vectors; the others push a 0 so that
+    // the frame is the same.
+    ".balign 16",
+    ".globl pmemvm_probe_vectors",
+    "pmemvm_probe_vectors:",
+    ".irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    ".balign 16",
+    ".if (\\v == 8) || ((\\v >= 10) && (\\v <= 14)) || (\\v == 17) || (\\v == 21) || (\\v == 29) || (\\v == 30)",
+    "    push \\v",
+    ".else",
+    "    push 0",
+    "    push \\v",
+    ".endif",
+    "    jmp .Lprobe_exception",
+    ".endr",
+    // At CPL0 on the TSS's RSP0 stack: vector, error code, RIP, CS, ...
+    // RDI still points at the parameter header.
+    ".Lprobe_exception:",
+    "    mov rax, qword ptr [rsp + 8]",
+    "    mov qword ptr [rdi + {fault_error}], rax",
+    "    mov rax, qword ptr [rsp + 16]",
+    "    mov qword ptr [rdi + {fault_rip}], rax",
+    "    mov rax, qword ptr [rsp]",
+    "    mov qword ptr [rdi + {fault_vector}], rax",
+    "    mov rdx, qword ptr [rdi + {control}]",
+    "    mov qword ptr [rdx + {control_fault}], rax",
+    "    jmp .Lprobe_hang",
     ".Lprobe_step_done:",
     "    mov rax, qword ptr [rdi + {steps_done}]",
     "    inc rax",
@@ -270,11 +310,52 @@ global_asm!(
     control = const HDR_CONTROL,
     control_step = const CONTROL_STEP,
     control_exit = const CONTROL_EXIT,
+    control_fault = const CONTROL_FAULT,
+    fault_vector = const HDR_FAULT_VECTOR,
+    fault_error = const HDR_FAULT_ERROR,
+    fault_rip = const HDR_FAULT_RIP,
 );
 
 extern "C" {
     static pmemvm_probe_start: u8;
+    static pmemvm_probe_vectors: u8;
     static pmemvm_probe_end: u8;
+}
+
+/// Where the exception stubs start in [`probe_code`]; vector `v`'s stub is
+/// [`VECTOR_STUB`] `* v` bytes further.
+pub fn vectors_offset() -> usize {
+    // Both are labels in the global_asm! block above; only their addresses
+    // are taken.
+    std::ptr::addr_of!(pmemvm_probe_vectors) as usize
+        - std::ptr::addr_of!(pmemvm_probe_start) as usize
+}
+
+/// The usual name of an exception vector.
+pub fn exception_name(vector: u64) -> &'static str {
+    match vector {
+        0 => "#DE (divide error)",
+        1 => "#DB (debug)",
+        2 => "NMI",
+        3 => "#BP (breakpoint)",
+        4 => "#OF (overflow)",
+        5 => "#BR (bound range)",
+        6 => "#UD (invalid opcode: an instruction this CPU model lacks?)",
+        7 => "#NM (device not available)",
+        8 => "#DF (double fault)",
+        10 => "#TS (invalid TSS)",
+        11 => "#NP (segment not present)",
+        12 => "#SS (stack fault)",
+        13 => "#GP (general protection)",
+        14 => "#PF (page fault)",
+        16 => "#MF (x87 error)",
+        17 => "#AC (alignment check)",
+        18 => "#MC (machine check)",
+        19 => "#XM (SIMD error)",
+        20 => "#VE (virtualization exception)",
+        21 => "#CP (control protection)",
+        _ => "reserved vector",
+    }
 }
 
 /// The probe routine's machine code.
@@ -440,6 +521,29 @@ mod tests {
         assert!(code.len() > 64 && code.len() < 4096, "{}", code.len());
         // pause (f3 90) then a short jmp back to it (eb fc).
         assert_eq!(&code[code.len() - 4..], &[0xf3, 0x90, 0xeb, 0xfc]);
+    }
+
+    #[test]
+    fn every_vector_has_a_stub_that_pushes_it() {
+        let code = probe_code();
+        let base = vectors_offset();
+        assert_eq!(base % VECTOR_STUB, 0);
+        let with_error = [8u8, 10, 11, 12, 13, 14, 17, 21, 29, 30];
+        for v in 0..VECTORS {
+            let stub = &code[base + v as usize * VECTOR_STUB..][..VECTOR_STUB];
+            // push imm8 is 6a ib: the CPU's error code, or a pushed 0, then
+            // the vector.
+            let want: &[u8] = if with_error.contains(&v) {
+                &[0x6a, v]
+            } else {
+                &[0x6a, 0, 0x6a, v]
+            };
+            assert_eq!(&stub[..want.len()], want, "vector {v}");
+            // Then a jmp (short eb or near e9) to the common handler.
+            assert!(matches!(stub[want.len()], 0xeb | 0xe9), "vector {v}");
+        }
+        assert!(base + VECTORS as usize * VECTOR_STUB < code.len());
+        assert!(exception_name(6).starts_with("#UD"));
     }
 
     #[test]

@@ -72,6 +72,20 @@ pub enum ProbeError {
         "the probe guest triple-faulted (KVM_EXIT_SHUTDOWN) after {steps_done} steps: {state}"
     )]
     TripleFault { steps_done: usize, state: String },
+    #[error(
+        "the probe guest took exception {vector} {name} at rip {rip:#x} (probe offset {offset:#x}), error code {error_code:#x}, cr2 {cr2:#x}, after {steps_done} steps"
+    )]
+    GuestException {
+        vector: u64,
+        name: &'static str,
+        error_code: u64,
+        rip: u64,
+        offset: u64,
+        cr2: u64,
+        steps_done: usize,
+    },
+    #[error(transparent)]
+    Cpu(#[from] crate::cpu::CpuError),
     #[error("the probe guest made an unexpected exit {exit}: {state}")]
     UnexpectedExit { exit: String, state: String },
     #[error("the probe guest broke the protocol: {0}")]

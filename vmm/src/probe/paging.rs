@@ -11,6 +11,7 @@
 //! ```text
 //! 0x0000_1000  GDT (supervisor)       0x0000_2000  TSS (supervisor)
 //! 0x0000_3000  stack, 2 pages (user RW)
+//! 0x0000_5000  IDT (supervisor)       0x0000_6000  exception stack (supervisor)
 //! 0x0001_0000  parameter pages, 64 KiB (user RW)
 //! 0x0002_0000  virtqueue: descriptors, +0x1000 avail, +0x2000 used,
 //!              +0x3000 request and response (user RW)
@@ -23,6 +24,8 @@
 //! ```
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+
+use super::guest::{VECTORS, VECTOR_STUB};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub const PAGE: u64 = 4096;
@@ -30,6 +33,9 @@ pub const GDT_GPA: u64 = 0x1000;
 pub const TSS_GPA: u64 = 0x2000;
 pub const STACK_GPA: u64 = 0x3000;
 pub const STACK_PAGES: u64 = 2;
+pub const IDT_GPA: u64 = 0x5000;
+/// One page; the TSS's RSP0 points at its end.
+pub const FAULT_STACK_GPA: u64 = 0x6000;
 pub const PARAMS_GPA: u64 = 0x1_0000;
 pub const PARAMS_SIZE: u64 = 0x1_0000;
 pub const QUEUE_GPA: u64 = 0x2_0000;
@@ -300,8 +306,8 @@ const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
-/// RFLAGS: only the always-one bit. IF stays clear: the probe has no IDT
-/// and takes no interrupts.
+/// RFLAGS: only the always-one bit. IF stays clear: the probe takes no
+/// interrupts, only exceptions.
 pub const PROBE_RFLAGS: u64 = 0x2;
 
 /// 64-bit mode at CPL3: user code and data segments, paging with `cr3`.
@@ -309,8 +315,8 @@ pub const PROBE_RFLAGS: u64 = 0x2;
 pub fn user_mode_sregs(mut sregs: kvm_sregs, cr3: u64) -> kvm_sregs {
     sregs.gdt.base = GDT_GPA;
     sregs.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
+    sregs.idt.base = IDT_GPA;
+    sregs.idt.limit = (usize::from(VECTORS) * IDT_ENTRY - 1) as u16;
     sregs.cs = segment(GDT_USER_CODE);
     let data = segment(GDT_USER_DATA);
     sregs.ds = data;
@@ -343,15 +349,38 @@ pub fn entry_regs(entry: u64, params: u64, stack_top: u64) -> kvm_regs {
     }
 }
 
-/// Writes the GDT and a zeroed TSS (IOPB offset past the limit: no I/O
-/// bitmap, IOPL alone decides).
-pub fn write_descriptor_tables(mem: &GuestMemoryMmap) -> Result<(), PagingError> {
+const IDT_ENTRY: usize = 16;
+/// Present, DPL 0, 64-bit interrupt gate.
+const IDT_INTERRUPT_GATE: u8 = 0x8e;
+
+/// One IDT entry: an interrupt gate to `handler` in the kernel code segment.
+pub fn idt_entry(handler: u64) -> [u8; IDT_ENTRY] {
+    let mut e = [0u8; IDT_ENTRY];
+    e[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+    e[2..4].copy_from_slice(&((GDT_KERNEL_CODE * 8) as u16).to_le_bytes());
+    e[5] = IDT_INTERRUPT_GATE;
+    e[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+    e[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+    e
+}
+
+/// Writes the GDT, the IDT (vector `v` to `vectors + v * VECTOR_STUB`) and
+/// a TSS whose RSP0 is the exception stack (IOPB offset past the limit: no
+/// I/O bitmap, IOPL alone decides).
+pub fn write_descriptor_tables(mem: &GuestMemoryMmap, vectors: u64) -> Result<(), PagingError> {
     for (i, e) in gdt().iter().enumerate() {
         let addr = GDT_GPA + 8 * i as u64;
         mem.write_obj(*e, GuestAddress(addr))
             .map_err(|_| PagingError::GuestWrite { what: "GDT", addr })?;
     }
+    for v in 0..u64::from(VECTORS) {
+        let addr = IDT_GPA + v * IDT_ENTRY as u64;
+        let entry = idt_entry(vectors + v * VECTOR_STUB as u64);
+        mem.write_slice(&entry, GuestAddress(addr))
+            .map_err(|_| PagingError::GuestWrite { what: "IDT", addr })?;
+    }
     let mut tss = [0u8; 0x68];
+    tss[4..12].copy_from_slice(&(FAULT_STACK_GPA + PAGE).to_le_bytes());
     tss[0x66..0x68].copy_from_slice(&0x68u16.to_le_bytes());
     mem.write_slice(&tss, GuestAddress(TSS_GPA))
         .map_err(|_| PagingError::GuestWrite {
@@ -428,5 +457,24 @@ mod tests {
         assert_eq!(r.rflags & (1 << 9), 0, "interrupts stay off");
         assert_eq!(gdt()[GDT_USER_CODE], 0x00af_fb00_0000_ffff);
         assert_eq!(gdt()[GDT_USER_DATA], 0x00cf_f300_0000_ffff);
+        assert_eq!((s.idt.base, s.idt.limit), (IDT_GPA, 32 * 16 - 1));
+    }
+
+    #[test]
+    fn idt_gates_reach_each_stub_at_cpl0() {
+        let e = idt_entry(0x1234_5678_9abc_def0);
+        assert_eq!(u16::from_le_bytes([e[0], e[1]]), 0xdef0);
+        assert_eq!(u16::from_le_bytes([e[2], e[3]]), 0x10, "kernel code");
+        assert_eq!((e[4], e[5]), (0, 0x8e));
+        assert_eq!(u16::from_le_bytes([e[6], e[7]]), 0x9abc);
+        assert_eq!(u32::from_le_bytes([e[8], e[9], e[10], e[11]]), 0x1234_5678);
+        let mem = mem();
+        write_descriptor_tables(&mem, 0x3_0100).unwrap();
+        let mut gate = [0u8; 16];
+        mem.read_slice(&mut gate, GuestAddress(IDT_GPA + 6 * 16))
+            .unwrap();
+        assert_eq!(gate, idt_entry(0x3_0100 + 6 * 16));
+        let rsp0: u64 = mem.read_obj(GuestAddress(TSS_GPA + 4)).unwrap();
+        assert_eq!(rsp0, FAULT_STACK_GPA + PAGE);
     }
 }

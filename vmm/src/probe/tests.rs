@@ -190,6 +190,78 @@ fn a_paused_probe_resumes_where_it_stopped() {
     assert_eq!(run.steps[3].engine.flush.last_pages, 3);
 }
 
+/// More first writes between two flushes than the dirty ring holds: where
+/// the engine uses the ring, KVM stops the vCPU with
+/// KVM_EXIT_DIRTY_RING_FULL, the VMM harvests, and no write is lost.
+#[test]
+fn a_full_dirty_ring_loses_no_write() {
+    let pages = u64::from(crate::fault::dirty_log::RING_ENTRIES) + 512;
+    let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
+    require_kvm();
+    let backing = dir.create_file(pages * 4096).unwrap();
+    let config = ProbeVmConfig {
+        engine: FaultEngineKind::Kernel,
+        populate: DEFAULT_POPULATE,
+        poll_us: 0,
+        backing: backing.clone(),
+        region_pages: pages,
+        timeout: Duration::from_secs(300),
+    };
+    let steps = [
+        step(StepOp::Write, pages, 0, PageOrder::Stride { stride: 1 }),
+        flush(),
+    ];
+    let run = ProbeVm::new(&config, &steps).unwrap().run().unwrap();
+    assert_eq!(run.steps[1].engine.flush.last_pages, pages);
+    match run.dirty_log {
+        Some("dirty ring") => assert!(
+            run.dirty_ring_full_exits >= 1,
+            "{pages} first writes into a {}-entry ring, and no ring-full exit",
+            crate::fault::dirty_log::RING_ENTRIES
+        ),
+        other => {
+            assert!(
+                other.is_some_and(|k| k.starts_with("dirty bitmap")),
+                "{other:?}"
+            );
+            assert_eq!(run.dirty_ring_full_exits, 0);
+        }
+    }
+    let data = std::fs::read(&backing).unwrap();
+    let blank: Vec<u64> = (0..pages)
+        .filter(|&p| data[p as usize * 4096..][..8] == [0u8; 8])
+        .collect();
+    assert!(blank.is_empty(), "pages never written back: {blank:?}");
+}
+
+/// An exception in the probe is reported with its vector and RIP, not
+/// as a triple fault (which on SVM resets the vCPU, state and all).
+#[test]
+fn a_probe_exception_is_reported_with_its_vector() {
+    let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
+    require_kvm();
+    let config = ProbeVmConfig {
+        engine: FaultEngineKind::Kernel,
+        populate: DEFAULT_POPULATE,
+        poll_us: 0,
+        backing: dir.create_file(2 << 20).unwrap(),
+        region_pages: 512,
+        timeout: Duration::from_secs(20),
+    };
+    let vm = ProbeVm::new(&config, &[flush()]).unwrap();
+    // ud2 as the first instruction.
+    vm.patch_code(0, &[0x0f, 0x0b]);
+    match vm.run() {
+        Err(ProbeError::GuestException {
+            vector: 6,
+            offset: 0,
+            steps_done: 0,
+            ..
+        }) => {}
+        other => panic!("want #UD at probe offset 0, got {other:?}"),
+    }
+}
+
 #[test]
 fn steps_outside_the_region_are_refused() {
     let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();

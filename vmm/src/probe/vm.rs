@@ -20,7 +20,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::guest::{
-    probe_code, ProbeExitCode, ProbeHeader, StepSpec, CONTROL_EXIT, CONTROL_STEP, HDR_STEPS_DONE,
+    exception_name, probe_code, vectors_offset, ProbeExitCode, ProbeHeader, StepSpec, CONTROL_EXIT,
+    CONTROL_FAULT, CONTROL_STEP, HDR_FAULT_ERROR, HDR_FAULT_RIP, HDR_FAULT_VECTOR, HDR_STEPS_DONE,
     STEPS_OFFSET, STEP_SIZE,
 };
 use super::paging::*;
@@ -33,6 +34,14 @@ use crate::vm::{create_guest_memory, open_kvm};
 
 /// Where KVM puts its real-mode TSS pages (as the main VM does).
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
+/// What the probe routine executes: 64-bit mode, rdtsc and rdtscp to time
+/// each access, lfence and mfence (SSE2) to order them.
+const PROBE_FEATURES: &[crate::cpu::Feature] = &[
+    crate::cpu::LM,
+    crate::cpu::TSC,
+    crate::cpu::RDTSCP,
+    crate::cpu::SSE2,
+];
 /// Entries of the probe's request queue.
 pub const PROBE_QUEUE_SIZE: u16 = 16;
 const VRING_DESC_F_NEXT: u16 = 1;
@@ -100,6 +109,9 @@ pub struct ProbeRun {
     pub efault_retries: u64,
     /// Exits because the dirty ring filled up.
     pub dirty_ring_full_exits: u64,
+    /// How the engine tracked writes: "dirty ring", "dirty bitmap ...", or
+    /// None where KVM tracks nothing (uffd).
+    pub dirty_log: Option<&'static str>,
     /// From creating the VM to the vCPU's first entry.
     pub setup: Duration,
 }
@@ -175,6 +187,8 @@ pub fn table_pages_needed(ram: u64, region_pages: u64) -> u64 {
     let ranges = [
         (GDT_GPA, PAGE),
         (TSS_GPA, PAGE),
+        (IDT_GPA, PAGE),
+        (FAULT_STACK_GPA, PAGE),
         (STACK_GPA, STACK_PAGES * PAGE),
         (PARAMS_GPA, PARAMS_SIZE),
         (QUEUE_GPA, QUEUE_PAGES * PAGE),
@@ -238,6 +252,14 @@ impl ProbeVm {
         }
 
         let kvm = open_kvm()?;
+        let cpuid =
+            crate::cpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        crate::cpu::require_features(
+            &cpuid,
+            crate::host::HostKind::detect(),
+            PROBE_FEATURES,
+            "the probe guest",
+        )?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm.set_tss_address(KVM_TSS_ADDR)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -276,10 +298,12 @@ impl ProbeVm {
         let mmio_gpa = pmem.devices[0].spec().base;
 
         // Page tables and the guest's view of memory.
-        write_descriptor_tables(&mem)?;
+        write_descriptor_tables(&mem, CODE_GPA + vectors_offset() as u64)?;
         let mut tables = PageTableBuilder::new(&mem, PAGE_TABLES_GPA, PAGE_TABLES_END)?;
         tables.identity_map(GDT_GPA, PAGE, PageAccess::Supervisor)?;
         tables.identity_map(TSS_GPA, PAGE, PageAccess::Supervisor)?;
+        tables.identity_map(IDT_GPA, PAGE, PageAccess::Supervisor)?;
+        tables.identity_map(FAULT_STACK_GPA, PAGE, PageAccess::Supervisor)?;
         tables.identity_map(STACK_GPA, STACK_PAGES * PAGE, PageAccess::UserReadWrite)?;
         tables.identity_map(PARAMS_GPA, PARAMS_SIZE, PageAccess::UserReadWrite)?;
         tables.identity_map(QUEUE_GPA, QUEUE_PAGES * PAGE, PageAccess::UserReadWrite)?;
@@ -337,8 +361,6 @@ impl ProbeVm {
 
         // The vCPU, at CPL3.
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let cpuid =
-            crate::cpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         // On hardware KVM, rdtscp is #UD unless the guest's CPUID has it.
         vcpu.set_cpuid2(&crate::cpu::vcpu_cpuid(&cpuid, 0, 1))
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
@@ -385,6 +407,15 @@ impl ProbeVm {
         })
     }
 
+    /// Overwrites probe code at `offset`: tests use it to make the probe
+    /// fault.
+    #[cfg(test)]
+    pub(super) fn patch_code(&self, offset: u64, bytes: &[u8]) {
+        self.mem
+            .write_slice(bytes, GuestAddress(CODE_GPA + offset))
+            .unwrap();
+    }
+
     /// The VM fd, e.g. to read more statistics.
     pub fn vm_fd(&self) -> &VmFd {
         &self.vm
@@ -402,6 +433,7 @@ impl ProbeVm {
             steps: std::mem::take(&mut self.results),
             efault_retries: self.efault_retries,
             dirty_ring_full_exits: self.dirty_ring_full_exits,
+            dirty_log: self.pmem.dirty_log.as_ref().map(|l| l.kind()),
             setup: self.setup.unwrap_or_default(),
         })
     }
@@ -477,6 +509,9 @@ impl ProbeVm {
                 VcpuExit::MmioWrite(addr, _) if addr == CONTROL_GPA + CONTROL_STEP => {
                     self.record_step()?;
                 }
+                VcpuExit::MmioWrite(addr, _) if addr == CONTROL_GPA + CONTROL_FAULT => {
+                    return Err(self.exception(done));
+                }
                 VcpuExit::MmioWrite(addr, data) if addr == CONTROL_GPA + CONTROL_EXIT => {
                     let code = data.first().copied().unwrap_or(0xff);
                     return match ProbeExitCode::from(code) {
@@ -549,6 +584,30 @@ impl ProbeVm {
         self.results.push(result);
         self.last = Some(self.snapshot()?);
         Ok(())
+    }
+
+    /// The exception the probe's handler reported.
+    fn exception(&mut self, steps_done: usize) -> ProbeError {
+        let field = |at: usize| -> u64 {
+            self.mem
+                .read_obj(GuestAddress(PARAMS_GPA + at as u64))
+                .unwrap_or(u64::MAX)
+        };
+        let (vector, error_code, rip) = (
+            field(HDR_FAULT_VECTOR),
+            field(HDR_FAULT_ERROR),
+            field(HDR_FAULT_RIP),
+        );
+        let cr2 = self.vcpu.get_sregs().map(|s| s.cr2).unwrap_or(0);
+        ProbeError::GuestException {
+            vector,
+            name: exception_name(vector),
+            error_code,
+            rip,
+            offset: rip.wrapping_sub(CODE_GPA),
+            cr2,
+            steps_done,
+        }
     }
 
     /// RIP, RSP, CR2 and how far the probe got, for error reports.
