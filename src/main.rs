@@ -165,6 +165,12 @@ struct RunArgs {
     /// Write device statistics as JSON to this file when the VM ends.
     #[arg(long, value_name = "PATH")]
     stats: Option<PathBuf>,
+    /// Describe the vCPUs and devices in ACPI tables (a DSDT naming each
+    /// virtio-mmio device) instead of the MP table and `virtio_mmio.device=`:
+    /// for kernels without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, such as
+    /// distribution kernels.
+    #[arg(long)]
+    acpi: bool,
     /// Run without the per-thread seccomp filters (for debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -278,6 +284,7 @@ fn main() -> ExitCode {
                 },
                 pmem: a.pmem,
                 stats: a.stats,
+                acpi: a.acpi,
             })
         }
         Command::Bench(a) => return bench(a.what),

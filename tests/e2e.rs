@@ -18,7 +18,7 @@ use std::path::Path;
 
 use common::{
     file_contains, guest, mkfs_ext4, mkfs_xfs, path_str, pmem_arg, tool, tool_with_codes, TempDir,
-    Vm,
+    Vm, WRITABLE_CHECKS, WRITABLE_METRICS,
 };
 
 const MIB: u64 = 1 << 20;
@@ -55,29 +55,7 @@ fn guest_reboot_exits_cleanly() {
     eprintln!("guest_reboot_exits_cleanly: {:.1?}", out.elapsed);
 }
 
-/// The checks init.c's dax mode prints for a writable and a read-only mount.
-const WRITABLE_CHECKS: &[&str] = &[
-    "mount",
-    "proc-mounts-dax",
-    "queue-dax",
-    "write",
-    "mmap-write",
-    "fsync-write",
-    "fsync-mmap",
-    "readback-write",
-    "readback-mmap",
-    "statx-dax",
-    "map-sync-eopnotsupp",
-    "punch-hole",
-    "fallocate",
-    "truncate-mapped-sigbus",
-    "truncate-mapped-regrow",
-    "first-touch",
-    "fsync-1page",
-    "umount",
-];
-/// Figures the writable checks print for the host ("metric DEV:NAME V UNIT").
-const WRITABLE_METRICS: &[&str] = &["first-touch-write-p50", "warm-write-p50", "fsync-1page-p50"];
+/// The checks init.c's dax mode prints for a read-only mount.
 const READONLY_CHECKS: &[&str] = &[
     "mount",
     "proc-mounts-dax",

@@ -130,6 +130,52 @@ static int read_cmdline(void)
 
 static ssize_t read_file(const char *path, char *buf, size_t len);
 
+// A distribution kernel brings its drivers as modules: the initramfs then
+// lists them in MODULE_LIST, one path per line, dependencies first. Each
+// gets the MODULE.KEY=VALUE words of the kernel command line as its
+// parameters, as modprobe would give them.
+#define MODULE_LIST "/lib/modules/load"
+
+static int load_modules(void)
+{
+	static char list[8192];
+	if (read_file(MODULE_LIST, list, sizeof(list)) < 0)
+		return 0;
+	int loaded = 0, failed = 0;
+	for (char *path = strtok(list, "\n"); path; path = strtok(NULL, "\n")) {
+		const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+		char name[64];
+		size_t n = strcspn(base, ".");
+		if (n >= sizeof(name))
+			n = sizeof(name) - 1;
+		for (size_t i = 0; i < n; i++)
+			name[i] = base[i] == '-' ? '_' : base[i];
+		name[n] = 0;
+		char params[1024] = "";
+		for (const char *p = cmdline; *p;) {
+			p += strspn(p, " \n");
+			size_t len = strcspn(p, " \n");
+			if (len > n + 1 && !strncmp(p, name, n) && p[n] == '.' &&
+			    strlen(params) + len + 2 < sizeof(params)) {
+				strncat(params, p + n + 1, len - n - 1);
+				strcat(params, " ");
+			}
+			p += len;
+		}
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0 || (syscall(SYS_finit_module, fd, params, 0) && errno != EEXIST)) {
+			say("pmemvm-init: loading module %s failed: %s", path, strerror(errno));
+			failed++;
+		} else {
+			loaded++;
+		}
+		if (fd >= 0)
+			close(fd);
+	}
+	say("pmemvm-init: loaded %d modules from " MODULE_LIST, loaded);
+	return failed;
+}
+
 // Greets, then names each pmem disk the guest found, its size and whether
 // the block layer offers DAX on it.
 static int mode_demo(void)
@@ -372,6 +418,10 @@ static int mount_dax(const struct dax_spec *d)
 	snprintf(src, sizeof(src), "/dev/%s", d->dev);
 	if (mkdir(d->mnt, 0755) && errno != EEXIST)
 		return check(d->dev, "mount", 0, "mkdir %s: %s", d->mnt, strerror(errno));
+	// Modules register pmem namespaces asynchronously: give a device that
+	// a module brings a few seconds to appear.
+	for (int i = 0; i < 500 && access(src, F_OK); i++)
+		usleep(10000);
 	int rc = mount(src, d->mnt, d->fs, d->ro ? MS_RDONLY : 0, "dax");
 	return check(d->dev, "mount", rc == 0, "mount -t %s -o %sdax %s %s: %s", d->fs,
 		     d->ro ? "ro," : "", src, d->mnt, strerror(errno));
@@ -910,6 +960,8 @@ int main(void)
 	mount_basics();
 	if (read_cmdline())
 		say("pmemvm-init: cannot read /proc/cmdline: %s", strerror(errno));
+	if (load_modules())
+		vm_exit(3);
 
 	char buf[64];
 	const char *name = cmdline_value("pmemvm_mode", buf, sizeof(buf));

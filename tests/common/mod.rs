@@ -61,6 +61,24 @@ pub struct Guest {
 /// Checks /dev/kvm and the guest images; panics with what to do if one is
 /// missing.
 pub fn guest() -> Guest {
+    image(
+        "target/guest",
+        "vmlinux",
+        "guest-images/build.sh (about 7 min the first time, seconds after an init.c change)",
+    )
+}
+
+/// Debian's own kernel with the test init and its modules
+/// (guest-images/stock-kernel/build.sh).
+pub fn stock_guest() -> Guest {
+    image(
+        "target/stock-kernel",
+        "vmlinuz",
+        "guest-images/stock-kernel/build.sh (make stock-kernel)",
+    )
+}
+
+fn image(dir: &str, kernel: &str, build: &str) -> Guest {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     if let Err(e) = fs::OpenOptions::new()
         .read(true)
@@ -72,22 +90,45 @@ pub fn guest() -> Guest {
              run them on a host with KVM"
         );
     }
-    let dir = root.join("target/guest");
+    let dir = root.join(dir);
     let guest = Guest {
-        kernel: dir.join("vmlinux"),
+        kernel: dir.join(kernel),
         initrd: dir.join("initramfs.cpio.gz"),
     };
     for p in [&guest.kernel, &guest.initrd] {
         assert!(
             p.is_file(),
-            "missing guest image {}: build it with guest-images/build.sh \
-             (about 7 min the first time, seconds after an init.c change)",
+            "missing guest image {}: build it with {build}",
             p.display()
         );
     }
     guest
 }
 
+/// The checks init.c's dax mode prints for a writable mount.
+pub const WRITABLE_CHECKS: &[&str] = &[
+    "mount",
+    "proc-mounts-dax",
+    "queue-dax",
+    "write",
+    "mmap-write",
+    "fsync-write",
+    "fsync-mmap",
+    "readback-write",
+    "readback-mmap",
+    "statx-dax",
+    "map-sync-eopnotsupp",
+    "punch-hole",
+    "fallocate",
+    "truncate-mapped-sigbus",
+    "truncate-mapped-regrow",
+    "first-touch",
+    "fsync-1page",
+    "umount",
+];
+/// Figures the writable checks print for the host ("metric DEV:NAME V UNIT").
+pub const WRITABLE_METRICS: &[&str] =
+    &["first-touch-write-p50", "warm-write-p50", "fsync-1page-p50"];
 /// What a finished pmemvm run left behind.
 pub struct Outcome {
     pub status: ExitStatus,

@@ -171,8 +171,13 @@ pub fn zero_page(
     cmdline_len: usize,
     initrd: Option<(u64, u64)>,
     e820: &[E820Entry],
+    acpi_rsdp: Option<u64>,
 ) -> boot_params {
-    let mut params = boot_params::default();
+    let mut params = boot_params {
+        // Boot protocol 2.14: where the RSDP is, so Linux need not search.
+        acpi_rsdp_addr: acpi_rsdp.unwrap_or(0),
+        ..Default::default()
+    };
     if let Some(hdr) = kernel.setup_header {
         params.hdr = hdr;
     }
@@ -264,7 +269,8 @@ mod tests {
             setup_header: None,
         };
         let e820 = layout::e820_map(256 * layout::MIB);
-        let p = zero_page(&kernel, 42, Some((0x800_0000, 1234)), &e820);
+        let p = zero_page(&kernel, 42, Some((0x800_0000, 1234)), &e820, Some(0xe_0000));
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe_0000);
         assert_eq!({ p.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!({ p.hdr.cmd_line_ptr }, layout::CMDLINE_ADDR as u32);

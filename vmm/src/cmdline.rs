@@ -3,9 +3,11 @@
 use crate::host::HostKind;
 
 /// Always given: serial console, reboot through the i8042 (which ends
-/// pmemvm), no ACPI (pmemvm has no tables; the MP table describes the CPUs)
-/// and no PCI bus to probe.
+/// pmemvm), no ACPI (the MP table describes the CPUs, the command line the
+/// devices) and no PCI bus to probe.
 pub const BASE: &str = "console=ttyS0 reboot=k panic=-1 acpi=off pci=off";
+/// The same with `--acpi`, where the ACPI tables describe CPUs and devices.
+pub const BASE_ACPI: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 
 /// What a nested shadow-paging host needs (PLATFORM.md): CPU features its
 /// CPL0 emulator cannot execute are switched off, and the three switches of
@@ -45,6 +47,15 @@ pub enum CmdlineError {
     BadCharacter,
 }
 
+/// How the guest learns of its virtio-mmio devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discovery<'a> {
+    /// `virtio_mmio.device=` words (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+    CommandLine(&'a [MmioDeviceSpec]),
+    /// The DSDT (see `acpi.rs`); the line then leaves ACPI on.
+    Acpi,
+}
+
 /// The assembled line, and the host switches it holds (for the log line).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cmdline {
@@ -58,13 +69,17 @@ pub fn assemble(
     host: HostKind,
     quirks: HostQuirks,
     vcpus: u8,
-    devices: &[MmioDeviceSpec],
+    discovery: Discovery,
     user: &str,
 ) -> Result<Cmdline, CmdlineError> {
     if user.contains(['\0', '\n']) {
         return Err(CmdlineError::BadCharacter);
     }
-    let mut parts = vec![BASE.to_string()];
+    let (base, devices) = match discovery {
+        Discovery::CommandLine(devices) => (BASE, devices),
+        Discovery::Acpi => (BASE_ACPI, &[][..]),
+    };
+    let mut parts = vec![base.to_string()];
     let host_switches = match (quirks, host) {
         (HostQuirks::On, _) | (HostQuirks::Auto, HostKind::NestedShadow) => Some(if vcpus > 1 {
             format!("{NESTED_SHADOW} {NESTED_SHADOW_SMP}")
@@ -102,27 +117,69 @@ mod tests {
 
     #[test]
     fn hardware_host_gets_nothing_extra() {
-        let c = assemble(HostKind::Hardware, HostQuirks::Auto, 1, &[], "").unwrap();
+        let c = assemble(
+            HostKind::Hardware,
+            HostQuirks::Auto,
+            1,
+            Discovery::CommandLine(&[]),
+            "",
+        )
+        .unwrap();
         assert_eq!(c.line, BASE);
         assert_eq!(c.host_switches, None);
     }
 
     #[test]
     fn nested_host_gets_switches_unless_turned_off() {
-        let c = assemble(HostKind::NestedShadow, HostQuirks::Auto, 1, &[], "quiet").unwrap();
+        let c = assemble(
+            HostKind::NestedShadow,
+            HostQuirks::Auto,
+            1,
+            Discovery::CommandLine(&[]),
+            "quiet",
+        )
+        .unwrap();
         assert_eq!(c.line, format!("{BASE} {NESTED_SHADOW} quiet"));
         assert!(c.line.contains("syscall_pf_fixup"));
         assert_eq!(c.host_switches.as_deref(), Some(NESTED_SHADOW));
-        let c = assemble(HostKind::NestedShadow, HostQuirks::Auto, 2, &[], "").unwrap();
+        let c = assemble(
+            HostKind::NestedShadow,
+            HostQuirks::Auto,
+            2,
+            Discovery::CommandLine(&[]),
+            "",
+        )
+        .unwrap();
         assert_eq!(
             c.line,
             format!("{BASE} {NESTED_SHADOW} {NESTED_SHADOW_SMP}")
         );
-        let c = assemble(HostKind::Hardware, HostQuirks::Auto, 8, &[], "").unwrap();
+        let c = assemble(
+            HostKind::Hardware,
+            HostQuirks::Auto,
+            8,
+            Discovery::CommandLine(&[]),
+            "",
+        )
+        .unwrap();
         assert!(!c.line.contains("nopv"));
-        let c = assemble(HostKind::NestedShadow, HostQuirks::Off, 1, &[], "").unwrap();
+        let c = assemble(
+            HostKind::NestedShadow,
+            HostQuirks::Off,
+            1,
+            Discovery::CommandLine(&[]),
+            "",
+        )
+        .unwrap();
         assert_eq!(c.line, BASE);
-        let c = assemble(HostKind::Hardware, HostQuirks::On, 1, &[], "").unwrap();
+        let c = assemble(
+            HostKind::Hardware,
+            HostQuirks::On,
+            1,
+            Discovery::CommandLine(&[]),
+            "",
+        )
+        .unwrap();
         assert!(c.line.contains("no_fpu_fwait"));
     }
 
@@ -144,7 +201,7 @@ mod tests {
             HostKind::Hardware,
             HostQuirks::Auto,
             1,
-            &devs,
+            Discovery::CommandLine(&devs),
             " pmemvm_mode=demo ",
         )
         .unwrap();
@@ -155,14 +212,40 @@ mod tests {
     }
 
     #[test]
+    fn acpi_leaves_acpi_on_and_the_devices_off_the_line() {
+        let c = assemble(
+            HostKind::Hardware,
+            HostQuirks::Auto,
+            1,
+            Discovery::Acpi,
+            "pmemvm_mode=demo",
+        )
+        .unwrap();
+        assert_eq!(c.line, format!("{BASE_ACPI} pmemvm_mode=demo"));
+        assert!(!c.line.contains("acpi=off") && !c.line.contains("virtio_mmio"));
+    }
+
+    #[test]
     fn rejects_bad_lines() {
         let long = "x".repeat(3000);
         assert!(matches!(
-            assemble(HostKind::Hardware, HostQuirks::Auto, 1, &[], &long),
+            assemble(
+                HostKind::Hardware,
+                HostQuirks::Auto,
+                1,
+                Discovery::CommandLine(&[]),
+                &long
+            ),
             Err(CmdlineError::TooLong(_))
         ));
         assert_eq!(
-            assemble(HostKind::Hardware, HostQuirks::Auto, 1, &[], "a\nb"),
+            assemble(
+                HostKind::Hardware,
+                HostQuirks::Auto,
+                1,
+                Discovery::CommandLine(&[]),
+                "a\nb"
+            ),
             Err(CmdlineError::BadCharacter)
         );
     }

@@ -15,6 +15,7 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::acpi;
 use crate::boot::{self, BootError};
 use crate::cmdline::{self, CmdlineError, HostQuirks, MmioDeviceSpec};
 use crate::cpu::{self, CpuError};
@@ -44,6 +45,9 @@ pub struct VmConfig {
     pub pmem: Vec<PmemConfig>,
     /// Where to write the JSON statistics when the VM ends.
     pub stats: Option<PathBuf>,
+    /// Describe CPUs and devices in ACPI tables instead of the MP table and
+    /// the command line, for kernels that find devices only that way.
+    pub acpi: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +81,8 @@ pub enum VmmError {
     Cmdline(#[from] CmdlineError),
     #[error(transparent)]
     Cpu(#[from] CpuError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
     MpTable(#[from] MpTableError),
     #[error("device layout: {0}")]
@@ -230,6 +236,18 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     let stats = config.stats.as_deref().map(StatsFile::create).transpose()?;
     let kvm = open_kvm()?;
     let host = HostKind::detect();
+    let mut cpuid = cpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    cpu::require_features(&cpuid, host, cpu::LINUX_BOOT, "a 64-bit Linux guest")?;
+    // A hardware-reduced ACPI guest has no PIT to calibrate its LAPIC timer
+    // against: it needs the TSC-deadline mode, which KVM emulates but
+    // leaves to the VMM to announce.
+    if config.acpi {
+        if kvm.check_extension(Cap::TscDeadlineTimer) {
+            cpu::set_feature(&mut cpuid, cpu::TSC_DEADLINE);
+        } else {
+            log::warn!("--acpi: KVM has no TSC-deadline timer; the guest may find no timer");
+        }
+    }
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(KVM_TSS_ADDR)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -258,11 +276,23 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
         Some(path) => Some(boot::load_initrd(&mem, path, &kernel, config.memory)?),
         None => None,
     };
+    let acpi = if config.acpi {
+        let tables = acpi::build(config.vcpus, &specs)?;
+        tables.write(&mem)?;
+        Some(tables.rsdp())
+    } else {
+        None
+    };
+    let discovery = if config.acpi {
+        cmdline::Discovery::Acpi
+    } else {
+        cmdline::Discovery::CommandLine(&specs)
+    };
     let line = cmdline::assemble(
         host,
         config.host_quirks,
         config.vcpus,
-        &specs,
+        discovery,
         &config.cmdline,
     )?;
     if let Some(switches) = line.host_switches {
@@ -283,6 +313,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
         line.line.len(),
         initrd,
         &layout::e820_map(config.memory),
+        acpi,
     );
     boot::write_boot_data(&mem, &params, &line.line)?;
 
@@ -306,7 +337,6 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     )?;
     spawn_stdin_reader(serial);
 
-    let cpuid = cpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for id in 0..config.vcpus {
         let fd = vm
