@@ -14,6 +14,11 @@ use super::pages::Transition;
 pub struct FaultMetrics {
     pub populate_read: AtomicU64,
     pub populate_write: AtomicU64,
+    /// Populated writable for a thread outside the VMM (KVM's async
+    /// page-fault worker), which may have been reading.
+    pub populate_unverified: AtomicU64,
+    /// Unverified dirty pages a flush found unchanged and skipped.
+    pub unchanged_skipped: AtomicU64,
     /// Pages served as zeroes because the file has a hole there.
     pub zero: AtomicU64,
     pub mkwrite: AtomicU64,
@@ -37,6 +42,8 @@ impl Default for FaultMetrics {
         Self {
             populate_read: AtomicU64::new(0),
             populate_write: AtomicU64::new(0),
+            populate_unverified: AtomicU64::new(0),
+            unchanged_skipped: AtomicU64::new(0),
             zero: AtomicU64::new(0),
             mkwrite: AtomicU64::new(0),
             already_done: AtomicU64::new(0),
@@ -62,13 +69,14 @@ impl FaultMetrics {
         let counter = match transition {
             Transition::PopulateRead => &self.populate_read,
             Transition::PopulateWrite => &self.populate_write,
+            Transition::PopulateUnverified => &self.populate_unverified,
             Transition::Mkwrite => &self.mkwrite,
             Transition::AlreadyDone => &self.already_done,
         };
         counter.fetch_add(1, Relaxed);
         if matches!(
             transition,
-            Transition::PopulateRead | Transition::PopulateWrite
+            Transition::PopulateRead | Transition::PopulateWrite | Transition::PopulateUnverified
         ) {
             self.populate_faults.fetch_add(1, Relaxed);
             self.populated_pages.fetch_add(pages, Relaxed);
@@ -110,6 +118,7 @@ impl FaultMetrics {
             faults: FaultCounts {
                 populate_read: self.populate_read.load(Relaxed),
                 populate_write: self.populate_write.load(Relaxed),
+                populate_unverified: self.populate_unverified.load(Relaxed),
                 zero: self.zero.load(Relaxed),
                 mkwrite: self.mkwrite.load(Relaxed),
                 already_done: self.already_done.load(Relaxed),
@@ -126,6 +135,7 @@ impl FaultMetrics {
                 pages: self.flush_pages.load(Relaxed),
                 runs: self.flush_runs.load(Relaxed),
                 last_pages: self.last_flush_pages.load(Relaxed),
+                unchanged_skipped: self.unchanged_skipped.load(Relaxed),
             },
             stalls: self.stalls.load(Relaxed),
             dirty_pages,
@@ -138,6 +148,7 @@ impl FaultMetrics {
 pub struct FaultCounts {
     pub populate_read: u64,
     pub populate_write: u64,
+    pub populate_unverified: u64,
     pub zero: u64,
     pub mkwrite: u64,
     pub already_done: u64,
@@ -153,6 +164,8 @@ pub struct FlushCounts {
     pub pages: u64,
     pub runs: u64,
     pub last_pages: u64,
+    /// Unverified dirty pages found unchanged and not written.
+    pub unchanged_skipped: u64,
 }
 
 /// The fault-engine part of a device's `--stats` record.
@@ -201,7 +214,8 @@ mod tests {
             FlushCounts {
                 pages: 10,
                 runs: 3,
-                last_pages: 0
+                last_pages: 0,
+                unchanged_skipped: 0,
             }
         );
         assert!(s.fault_service_ns.max >= 49_000, "{:?}", s.fault_service_ns);

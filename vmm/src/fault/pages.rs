@@ -18,6 +18,14 @@ pub enum PageState {
 pub enum Access {
     Read,
     Write,
+    /// A write fault that may stand for a read: raised by a thread outside
+    /// the VMM on the guest's behalf. KVM's async page-fault worker faults
+    /// every page in for writing (`get_user_pages_remote(FOLL_WRITE)` in
+    /// `async_pf_execute`) whatever the guest's access, when the guest runs
+    /// with interrupts on and the page would block. The page must be
+    /// mapped writable, so it is dirty, but unverified: its flush compares
+    /// it with the file and skips it if nothing changed.
+    UnverifiedWrite,
 }
 
 /// What serving a fault did to the page.
@@ -30,6 +38,10 @@ pub enum Transition {
     PopulateWrite,
     /// Clean, written: the first write since the last flush.
     Mkwrite,
+    /// Absent, faulted in writable for a thread that may only read
+    /// ([`Access::UnverifiedWrite`]): dirty until a flush finds it
+    /// unchanged.
+    PopulateUnverified,
     /// Another fault already did the work (a second vCPU on the same page).
     /// Success, not an error: the EBUSY lesson of vm_insert_mixed.
     AlreadyDone,
@@ -54,6 +66,10 @@ impl Bits {
         self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
     }
 
+    fn clear(&mut self, i: u64) {
+        self.words[(i / 64) as usize] &= !(1 << (i % 64));
+    }
+
     /// Sets bit `i`; returns whether it was already set.
     fn set(&mut self, i: u64) -> bool {
         let w = &mut self.words[(i / 64) as usize];
@@ -73,6 +89,9 @@ impl Bits {
 pub struct PageStates {
     present: Bits,
     dirty: Bits,
+    /// Dirty pages that may never have been written
+    /// ([`Access::UnverifiedWrite`]).
+    unverified: Bits,
 }
 
 impl PageStates {
@@ -80,6 +99,7 @@ impl PageStates {
         Self {
             present: Bits::new(pages),
             dirty: Bits::new(pages),
+            unverified: Bits::new(pages),
         }
     }
 
@@ -113,7 +133,15 @@ impl PageStates {
                 self.dirty.set(page);
                 Transition::PopulateWrite
             }
-            (PageState::Clean, Access::Write) => {
+            (PageState::Absent, Access::UnverifiedWrite) => {
+                self.dirty.set(page);
+                self.unverified.set(page);
+                Transition::PopulateUnverified
+            }
+            (PageState::Clean, Access::Write | Access::UnverifiedWrite) => {
+                if access == Access::UnverifiedWrite {
+                    self.unverified.set(page);
+                }
                 self.dirty.set(page);
                 Transition::Mkwrite
             }
@@ -129,6 +157,7 @@ impl PageStates {
         }
         self.present.set(page);
         self.dirty.set(page);
+        self.unverified.clear(page);
         true
     }
 
@@ -136,19 +165,19 @@ impl PageStates {
     /// again) and is returned. A write that lands after this is dirty for the
     /// next flush; the caller re-arms the catch before it copies data out.
     pub fn take_dirty(&mut self) -> DirtySet {
-        let fresh = vec![0; self.dirty.words.len()];
-        let words = std::mem::replace(&mut self.dirty.words, fresh);
+        let len = self.dirty.len;
         DirtySet {
-            bits: Bits {
-                words,
-                len: self.dirty.len,
-            },
+            bits: std::mem::replace(&mut self.dirty, Bits::new(len)),
+            unverified: std::mem::replace(&mut self.unverified, Bits::new(len)),
         }
     }
 
     /// A failed writeback: its pages are dirty again, for the next flush.
     pub fn redirty(&mut self, set: &DirtySet) {
         for (mine, theirs) in self.dirty.words.iter_mut().zip(&set.bits.words) {
+            *mine |= theirs;
+        }
+        for (mine, theirs) in self.unverified.words.iter_mut().zip(&set.unverified.words) {
             *mine |= theirs;
         }
         for (mine, theirs) in self.present.words.iter_mut().zip(&set.bits.words) {
@@ -185,13 +214,39 @@ impl Run {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirtySet {
     bits: Bits,
+    /// The pages of `bits` that may never have been written.
+    unverified: Bits,
 }
 
 impl DirtySet {
     pub fn empty(pages: u64) -> Self {
         Self {
             bits: Bits::new(pages),
+            unverified: Bits::new(pages),
         }
+    }
+
+    /// Drops each unverified page for which `unchanged` says the data is
+    /// still what the file holds; returns how many were dropped. An error
+    /// keeps the page in the set.
+    pub fn drop_unchanged<E>(
+        &mut self,
+        mut unchanged: impl FnMut(u64) -> Result<bool, E>,
+    ) -> Result<u64, E> {
+        let mut dropped = 0;
+        for w in 0..self.unverified.words.len() {
+            let mut bits = self.unverified.words[w];
+            while bits != 0 {
+                let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                if unchanged(page)? {
+                    self.bits.clear(page);
+                    dropped += 1;
+                }
+                self.unverified.clear(page);
+            }
+        }
+        Ok(dropped)
     }
 
     pub fn len(&self) -> u64 {
@@ -284,6 +339,60 @@ mod tests {
         // The catch is armed again: the next write is a mkwrite.
         assert_eq!(s.fault(1, Access::Write), Some(Transition::Mkwrite));
         assert_eq!(s.counts(), (6, 1, 1));
+    }
+
+    #[test]
+    fn unverified_writes_are_dirty_until_a_flush_finds_them_unchanged() {
+        let mut s = PageStates::new(200);
+        assert_eq!(
+            s.fault(3, Access::UnverifiedWrite),
+            Some(Transition::PopulateUnverified)
+        );
+        assert_eq!(
+            s.fault(130, Access::UnverifiedWrite),
+            Some(Transition::PopulateUnverified)
+        );
+        assert_eq!(s.fault(4, Access::Write), Some(Transition::PopulateWrite));
+        assert_eq!(s.fault(5, Access::Read), Some(Transition::PopulateRead));
+        assert_eq!(
+            s.fault(5, Access::UnverifiedWrite),
+            Some(Transition::Mkwrite)
+        );
+        assert_eq!(s.state(3), Some(PageState::Dirty));
+        // A write the dirty log reports is a known write.
+        s.mark_dirty(130);
+        let mut set = s.take_dirty();
+        let mut asked = Vec::new();
+        // Page 3 is unchanged, page 5 was written.
+        let dropped = set
+            .drop_unchanged(|p| {
+                asked.push(p);
+                Ok::<_, ()>(p == 3)
+            })
+            .unwrap();
+        assert_eq!((asked, dropped), (vec![3, 5], 1));
+        let pages: Vec<u64> = (0..200).filter(|&p| set.contains(p)).collect();
+        assert_eq!(pages, vec![4, 5, 130]);
+        assert_eq!(
+            set.drop_unchanged(|_| Ok::<_, ()>(true)),
+            Ok(0),
+            "asked once"
+        );
+        // After a flush the page is clean, and the next write is a mkwrite.
+        assert_eq!(s.state(3), Some(PageState::Clean));
+        assert_eq!(s.fault(3, Access::Write), Some(Transition::Mkwrite));
+        // A failed check keeps the page; a failed flush keeps it unverified.
+        s.fault(7, Access::UnverifiedWrite);
+        let mut set = s.take_dirty();
+        assert_eq!(
+            set.drop_unchanged(|p| if p == 7 { Err("io") } else { Ok(false) }),
+            Err("io")
+        );
+        assert!(set.contains(7));
+        s.redirty(&set);
+        let mut again = s.take_dirty();
+        assert_eq!(again.drop_unchanged(|_| Ok::<_, ()>(true)), Ok(1));
+        assert!(!again.contains(7) && again.contains(3));
     }
 
     #[test]

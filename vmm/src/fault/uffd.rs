@@ -116,6 +116,8 @@ mod sys {
     pub const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
     /// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`: WP registers on shmem (5.19+).
     pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+    /// `UFFD_FEATURE_THREAD_ID`: each message names the faulting thread.
+    pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 
     /// `UFFDIO_REGISTER_MODE_MISSING` / `_WP`.
     pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
@@ -244,6 +246,17 @@ fn open_uffd() -> io::Result<OwnedFd> {
     }
     // SAFETY: `fd` is a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether thread `tid` is outside this process (0: the kernel did not
+/// say). KVM's async page-fault worker is a kernel thread.
+fn foreign_thread(tid: u32) -> bool {
+    if tid == 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that `tid` is a thread of our group.
+    let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid as libc::pid_t, 0) };
+    rc != 0 && errno() == Some(libc::ESRCH)
 }
 
 /// pread(2) until `len` bytes or end of file; returns the bytes read.
@@ -493,6 +506,28 @@ impl Mirror {
         rc > 0 && pfd.revents & libc::POLLIN != 0
     }
 
+    /// Whether mirror page `page` still holds what the file holds (zeroes
+    /// past its end), that is, the data it was populated with: this engine
+    /// is the file's only writer.
+    fn unchanged(&self, page: u64) -> io::Result<bool> {
+        let mut file = [0u8; PAGE_SIZE as usize];
+        // SAFETY: `file` is PAGE_SIZE bytes.
+        let got =
+            unsafe { pread_full(&self.file, file.as_mut_ptr(), file.len(), page * PAGE_SIZE) }?;
+        file[got..].fill(0);
+        let mut mirror = [0u8; PAGE_SIZE as usize];
+        // SAFETY: the page lies in the mirror and is present (it is dirty);
+        // the copy reads it through a raw pointer, as the writeback does.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.base.add((page * PAGE_SIZE) as usize),
+                mirror.as_mut_ptr(),
+                mirror.len(),
+            )
+        };
+        Ok(file == mirror)
+    }
+
     /// Copies a run of the mirror to the file.
     fn write_run(&self, run: Run) -> io::Result<()> {
         // SAFETY: the run lies inside the mirror (dirty pages are present, so
@@ -738,6 +773,15 @@ impl Handler {
         let page = (addr - base) / PAGE_SIZE;
         let wp = msg.pf_flags & sys::UFFD_PAGEFAULT_FLAG_WP != 0;
         let write = msg.pf_flags & sys::UFFD_PAGEFAULT_FLAG_WRITE != 0 && !m.readonly;
+        // A write protect fault is a write whoever raises it (a read of a
+        // protected page does not fault). A missing page faulted for
+        // writing by a thread outside this process may stand for a read:
+        // KVM's async page-fault worker always faults for writing.
+        let access = match (write, foreign_thread(msg.pf_ptid)) {
+            (false, _) => Access::Read,
+            (true, false) => Access::Write,
+            (true, true) => Access::UnverifiedWrite,
+        };
 
         let mut backoff = Backoff::new();
         let mut stalled: Option<Instant> = None;
@@ -745,7 +789,7 @@ impl Handler {
             let result = if wp {
                 self.mkwrite(page, &mut progress)
             } else {
-                self.populate(page, write, &mut progress)
+                self.populate(page, access, &mut progress)
             };
             let Err(e) = result else { break };
             if stalled.is_none() {
@@ -841,7 +885,7 @@ impl Handler {
         let m = self.m.clone();
         if m.shared.states().state(page) == Some(PageState::Absent) {
             // Not expected (absent pages are never protected); populate.
-            return self.populate(page, true, progress);
+            return self.populate(page, Access::Write, progress);
         }
         self.reserve(page)?;
         // The state change and the unprotect under one lock: a flush cannot
@@ -860,13 +904,15 @@ impl Handler {
         Ok(())
     }
 
-    /// A missing page: insert the `populate` block around it.
+    /// A missing page: insert the `populate` block around it; the faulting
+    /// page writable unless `access` is a read.
     fn populate(
         &mut self,
         page: u64,
-        write: bool,
+        access: Access,
         progress: &mut Progress,
     ) -> Result<(), ServeError> {
+        let write = access != Access::Read;
         let m = self.m.clone();
         let first = page - page % m.populate;
         let n = (first + m.populate).min(m.pages) - first;
@@ -917,12 +963,7 @@ impl Handler {
                 }
                 match what {
                     Copied::Inserted => {
-                        let access = if write && p == page {
-                            Access::Write
-                        } else {
-                            Access::Read
-                        };
-                        let t = states.fault(p, access);
+                        let t = states.fault(p, if p == page { access } else { Access::Read });
                         if p == page {
                             progress.transition = t;
                         }
@@ -1106,6 +1147,7 @@ impl UffdEngine {
         let uffd = open_uffd()?;
         // The write-protect features are needed unless the device is read-only.
         let want = sys::UFFD_FEATURE_MISSING_SHMEM
+            | sys::UFFD_FEATURE_THREAD_ID
             | if readonly {
                 0
             } else {
@@ -1367,7 +1409,27 @@ impl Writeback for UffdWriteback {
             set
         };
         // A write from here on faults and is dirty for the next flush; one
-        // before the protection is in the mirror and is copied below.
+        // before the protection is in the mirror and is copied below, or
+        // seen by the comparison of the unverified pages here.
+        let mut set = set;
+        match set.drop_unchanged(|page| m.unchanged(page)) {
+            Ok(skipped) => {
+                m.shared
+                    .metrics
+                    .unchanged_skipped
+                    .fetch_add(skipped, Relaxed);
+            }
+            Err(e) => {
+                m.shared.states().redirty(&set);
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{}: comparing an unverified page with the file: {e}",
+                        m.name
+                    ),
+                ));
+            }
+        }
         if m.discard_writes {
             m.shared.metrics.record_flush(0, 0);
             return Ok(WritebackReport {
@@ -1425,7 +1487,7 @@ pub fn measure_first_touch(
             let p = base.add((page * PAGE_SIZE) as usize);
             match access {
                 Access::Read => sum = sum.wrapping_add(p.read_volatile()),
-                Access::Write => p.write_volatile(page as u8),
+                Access::Write | Access::UnverifiedWrite => p.write_volatile(page as u8),
             }
         }
     }
@@ -1611,6 +1673,10 @@ mod tests {
         assert_eq!(sys::UFFDIO_WRITEPROTECT, 0xc018_aa06);
         assert_eq!(sys::USERFAULTFD_IOC_NEW, 0xaa00);
         assert_eq!(libc::SYS_userfaultfd, 323);
+        // From <linux/userfaultfd.h> as they are.
+        assert_eq!(sys::UFFD_FEATURE_MISSING_SHMEM, 1 << 5);
+        assert_eq!(sys::UFFD_FEATURE_THREAD_ID, 1 << 8);
+        assert_eq!(sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM, 1 << 12);
     }
 
     #[test]
@@ -1738,6 +1804,78 @@ mod tests {
         assert_eq!(wb.writeback().unwrap().pages, Some(1));
         assert_eq!((f.file_page(2)[11], f.file_page(2)[12]), (0xef, 0xf0));
         assert_eq!(f.stats().flush.pages, 6);
+    }
+
+    /// Writes `bytes` into page `page` of the mirror from a child process,
+    /// as KVM's async page-fault worker touches it: a fault by a task
+    /// outside this process, for writing.
+    fn foreign_write(f: &Fixture, page: u64, bytes: &[u8]) {
+        let parent = std::process::id() as libc::pid_t;
+        let local = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: f.ptr(page, 0).cast(),
+            iov_len: bytes.len(),
+        };
+        // SAFETY: the child only calls process_vm_writev and _exit, both
+        // async-signal-safe; the iovecs point at live memory of ours.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork: {}", io::Error::last_os_error());
+        if child == 0 {
+            // SAFETY: as above.
+            let n = unsafe { libc::process_vm_writev(parent, &local, 1, &remote, 1, 0) };
+            // SAFETY: ends the child without running the parent's atexit.
+            unsafe { libc::_exit(if n == bytes.len() as isize { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "process_vm_writev from the child failed ({status:#x})"
+        );
+    }
+
+    /// A missing page faulted for writing by another task (KVM's async
+    /// page-fault worker does this for guest reads) is dirty but
+    /// unverified: the flush writes it only if its data changed.
+    #[test]
+    fn foreign_write_faults_are_verified_at_flush() {
+        let f = Fixture::new("foreign", 2 * MIB, [40], 16, false, false);
+        let mut wb = f.engine.writeback();
+        // Same data as the file: a hole stays zero, page 40 keeps its
+        // pattern.
+        foreign_write(&f, 3, &[0]);
+        foreign_write(&f, 40, &[pattern(40)]);
+        // Changed data.
+        foreign_write(&f, 100, &[0x5a]);
+        let s = f.stats();
+        assert_eq!(
+            (s.faults.populate_unverified, s.faults.populate_write),
+            (3, 0)
+        );
+        for p in [3, 40, 100] {
+            assert_eq!(f.state(p), PageState::Dirty, "page {p}");
+        }
+        let blocks = f.blocks();
+        assert_eq!(wb.writeback().unwrap().pages, Some(1));
+        let s = f.stats();
+        assert_eq!((s.flush.pages, s.flush.unchanged_skipped), (1, 2));
+        assert_eq!(f.file_page(100)[0], 0x5a);
+        assert_eq!(f.file_page(3), vec![0; PS]);
+        for p in [3, 40, 100] {
+            assert_eq!(f.state(p), PageState::Clean, "page {p}");
+        }
+        // Clean and protected again: the next write, from here, is a
+        // mkwrite and is written back.
+        f.write(3, 0, 7);
+        assert_eq!(f.stats().faults.mkwrite, 1);
+        assert_eq!(wb.writeback().unwrap().pages, Some(1));
+        assert_eq!(f.file_page(3)[0], 7);
+        // Its block was reserved at the unverified fault: a write may follow.
+        assert_eq!(f.blocks(), blocks);
     }
 
     /// With a polling window the servicer serves faults that arrive while
