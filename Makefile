@@ -2,7 +2,7 @@
 # `make run` and `make test` work from a fresh Debian 12 machine with /dev/kvm.
 
 PKGS := linux-source-6.1 flex bison libelf-dev libssl-dev bc xz-utils patch \
-        make gcc musl-tools cpio qemu-system-x86 e2fsprogs xfsprogs
+        make gcc musl-tools cpio qemu-system-x86 e2fsprogs xfsprogs kmod
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PMEMVM := target/release/pmemvm
 GUEST := --kernel target/guest/vmlinux --initrd target/guest/initramfs.cpio.gz
@@ -11,7 +11,7 @@ GUEST := --kernel target/guest/vmlinux --initrd target/guest/initramfs.cpio.gz
 # a _ in the file name).
 BENCHES := boot vs-qemu
 
-.PHONY: all deps guest build run lint test $(addprefix bench-,$(BENCHES)) bench-flush bench-faults
+.PHONY: all deps guest npt-host stock-kernel build run lint test test-host test-npt $(addprefix bench-,$(BENCHES)) bench-flush bench-faults
 
 all: build
 
@@ -29,6 +29,16 @@ deps:
 guest: deps
 	guest-images/build.sh
 
+# The NPT host: an L1 Linux that QEMU TCG runs with AMD SVM and nested
+# paging, so its KVM is a real two-dimensional-paging one
+# (guest-images/npt-host/run CMD runs CMD inside it).
+npt-host: deps
+	guest-images/npt-host/build.sh
+
+# Debian's stock kernel with the test init and its modules, for pmemvm --acpi.
+stock-kernel: guest
+	guest-images/stock-kernel/build.sh
+
 build:
 	cargo build --release
 
@@ -40,9 +50,21 @@ lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-# The end-to-end tests in tests/ boot target/guest and need /dev/kvm.
-test: guest lint
+# Every test on both host kinds: this machine's KVM, then the NPT host
+# (tests/npt-host.sh: e2e, engines, host_faults, the probe tests, the stock
+# kernel, a small bench faults and bench flush). Either failing fails.
+test: guest npt-host stock-kernel lint
+	$(MAKE) test-host
+	$(MAKE) test-npt
+
+# This machine's KVM only. The end-to-end tests boot target/guest and need
+# /dev/kvm.
+test-host:
 	cargo test --workspace --release
+
+# The NPT host only.
+test-npt:
+	tests/npt-host.sh
 
 # The in-guest DAX checks (init.c's dax mode) on ext4, xfs and a read-only
 # ext4, one boot; each check's line and the host's stats assertions.

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# make test, second host kind: the suites that need a real two-dimensional
+# paging KVM, each in its own boot of the NPT host (guest-images/npt-host).
+# The test binaries are built here, on the machine; L1 runs them from the
+# same paths (read-only), with /scratch as TMPDIR.
+#
+#   tests/npt-host.sh [SUITE...]     (default: all; see `suites` below)
+#
+# Prints one line per suite (time, result) and fails if any suite failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+run=guest-images/npt-host/run
+pmemvm=$PWD/target/release/pmemvm
+bins=$(cargo test --workspace --release --no-run --message-format=json 2>/dev/null |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
+stock=$(cargo test --release --test stock_kernel --no-run --message-format=json 2>/dev/null |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
+bin() {
+    local b
+    b=$(printf '%s\n' "$bins" "$stock" | grep -E "/deps/$1-[0-9a-f]+$" | head -n 1)
+    [ -n "$b" ] || { echo "npt-host.sh: no test binary '$1' (cargo test --no-run failed?)" >&2; exit 1; }
+    printf '%s' "$b"
+}
+
+suites=(e2e engines host_faults probe stock_kernel bench_faults bench_flush)
+[ $# -gt 0 ] && suites=("$@")
+
+declare -a summary=()
+failed=0
+for s in "${suites[@]}"; do
+    case $s in
+    e2e | engines | host_faults) cmd=("$(bin "$s")") ;;
+    # The vmm crate's tests that boot the probe guest, and its unit tests.
+    probe) cmd=("$(bin vmm)") ;;
+    stock_kernel) cmd=("$(bin stock_kernel)") ;;
+    bench_faults) cmd=("$pmemvm" bench faults --pages 256 --repeat 1) ;;
+    bench_flush) cmd=("$pmemvm" bench flush --dirty 0,1,64 --repeat 3) ;;
+    *) echo "npt-host.sh: unknown suite '$s' (known: ${suites[*]})" >&2; exit 2 ;;
+    esac
+    echo "=== npt-host: $s: ${cmd[*]}" >&2
+    start=$(date +%s.%N)
+    "$run" "${cmd[@]}"
+    rc=$?
+    secs=$(echo "$(date +%s.%N) - $start" | bc)
+    if [ "$rc" -eq 0 ]; then result=ok; else result="FAILED ($rc)"; failed=1; fi
+    summary+=("$(printf '%-14s %7.1f s  %s' "$s" "$secs" "$result")")
+done
+echo "=== npt-host: suites (NPT host, $(${NPT_HOST_QEMU:-qemu-system-x86_64} --version | head -n 1))" >&2
+printf '%s\n' "${summary[@]}" >&2
+exit "$failed"
