@@ -90,6 +90,71 @@ pub struct KvmStats {
     data_len: usize,
 }
 
+/// The tracepoint that fires for each EPT/NPT violation KVM handles
+/// (`npf_interception`, `handle_ept_violation`), and on shadow-paging
+/// hosts for each guest page fault it intercepts.
+pub const PAGE_FAULT_EVENT: (&str, &str) = ("kvm", "kvm_page_fault");
+/// The name its count goes by among the vCPU statistics.
+pub const PAGE_FAULT_STAT: &str = "kvm_page_fault";
+
+/// How often one tracepoint fired in the thread that opened the counter
+/// (perf_event_open, counting mode: no buffer, no samples).
+#[derive(Debug)]
+pub struct TraceCounter {
+    file: File,
+}
+
+impl TraceCounter {
+    /// Counts `system:event` in the calling thread, kernel side included.
+    /// Needs tracefs (for the event id) and the right to trace kernel
+    /// events (root, or kernel.perf_event_paranoid -1).
+    pub fn open_this_thread((system, event): (&str, &str)) -> io::Result<Self> {
+        let id = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .iter()
+            .find_map(|root| {
+                std::fs::read_to_string(format!("{root}/events/{system}/{event}/id")).ok()
+            })
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "no tracepoint {system}:{event} (is tracefs mounted at /sys/kernel/tracing?)"
+                    ),
+                )
+            })?;
+        let id: u64 = id.trim().parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad tracepoint id {id:?}"),
+            )
+        })?;
+        let mut attr = perf_event_open_sys::bindings::perf_event_attr {
+            type_: perf_event_open_sys::bindings::PERF_TYPE_TRACEPOINT,
+            size: std::mem::size_of::<perf_event_open_sys::bindings::perf_event_attr>() as u32,
+            config: id,
+            ..Default::default()
+        };
+        attr.set_exclude_hv(1);
+        // SAFETY: `attr` is a valid perf_event_attr that outlives the call;
+        // pid 0 / cpu -1 is this thread on any CPU. The result is checked.
+        let fd = unsafe { perf_event_open_sys::perf_event_open(&mut attr, 0, -1, -1, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd that nothing else owns.
+        Ok(Self {
+            file: unsafe { File::from_raw_fd(fd) },
+        })
+    }
+
+    pub fn read(&self) -> io::Result<u64> {
+        use std::io::Read;
+        let mut count = [0u8; 8];
+        (&self.file).read_exact(&mut count)?;
+        Ok(u64::from_le_bytes(count))
+    }
+}
+
 fn stats_fd(fd: &impl AsRawFd) -> Result<File, KvmStatsError> {
     // SAFETY: argument-less ioctl on a valid KVM VM or vCPU fd; it returns a
     // new fd or -1.

@@ -111,6 +111,32 @@ pub struct PmemSet {
     pub guards: Vec<Arc<TruncationGuard>>,
 }
 
+/// tmpfs and hugetlbfs map shared pages writable on a read fault (they
+/// need no write notification). On a host with EPT/NPT, KVM then maps the
+/// page writable for the guest's read and its dirty log counts it: the
+/// kernel engine writes each page the guest reads back once, unchanged.
+fn warn_reads_logged(index: usize, path: &str, file: &std::fs::File) {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    if crate::host::HostKind::detect() != crate::host::HostKind::Hardware {
+        return;
+    }
+    // SAFETY: fstatfs fills the struct we own; the fd is valid.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(file), &mut st) } != 0 {
+        return;
+    }
+    let fs = match st.f_type {
+        TMPFS_MAGIC => "tmpfs",
+        HUGETLBFS_MAGIC => "hugetlbfs",
+        _ => return,
+    };
+    log::warn!(
+        "pmem{index}: {path} is on {fs}, which maps pages writable on reads: KVM then logs every page the guest reads as dirty, and the kernel engine writes it back once, unchanged (a file on ext4 or xfs, or engine=uffd, avoids it)"
+    );
+}
+
 /// Populates the whole mapping before boot, then makes it durable so that
 /// the guest's first flush does not pay for it.
 fn prefault(backing: &PmemBacking) -> std::io::Result<()> {
@@ -227,6 +253,7 @@ pub fn attach(
                 guard = Some(g);
                 match dirty_log.as_ref().filter(|_| is_tracked) {
                     Some(log) => {
+                        warn_reads_logged(i, &path, backing.file());
                         flags |= KVM_MEM_LOG_DIRTY_PAGES;
                         log.track(slot, backing.size(), shared.clone());
                         Box::new(DirtyLogWriteback {
@@ -352,16 +379,29 @@ pub fn attach(
 
 /// The thread that serves device queues, so a slow fdatasync never stalls a
 /// vCPU.
+static GUARD_FAILED: devices::ratelimit::LogLimiter =
+    devices::ratelimit::LogLimiter::new(4, 100_000);
+
 pub struct DeviceEventLoop {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
 }
 
 impl DeviceEventLoop {
-    pub fn start(devices: &[AttachedPmem]) -> std::io::Result<Option<Self>> {
+    /// Serves the devices' queues, and between events checks every backing
+    /// file the guest maps for a shrink. On hosts with EPT/NPT the vCPU
+    /// that touches a page past the new end may never return to pmemvm:
+    /// while the guest has interrupts on, KVM retries the fault through its
+    /// async page-fault worker and halts the vCPU, instead of failing
+    /// KVM_RUN with EFAULT. The check here does not depend on that.
+    pub fn start(set: &PmemSet) -> std::io::Result<Option<Self>> {
+        let devices = &set.devices;
         if devices.is_empty() {
             return Ok(None);
         }
+        let guards = set.guards.clone();
+        // Per guard: whether its file system was last seen full.
+        let mut full = vec![false; guards.len()];
         let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         for d in devices {
@@ -374,11 +414,31 @@ impl DeviceEventLoop {
                 .name("pmem-events".into())
                 .spawn(move || {
                     crate::seccomp::confine_or_warn(crate::seccomp::ThreadKind::DeviceEvents);
-                    // The timeout only bounds how long a stop request waits.
+                    // The timeout bounds how long a stop request waits, and
+                    // how late a truncated backing file is seen.
                     while !stop.load(Ordering::Acquire) {
                         if let Err(e) = em.run_with_timeout(100) {
                             log::error!("device event loop failed: {e:?}");
                             return;
+                        }
+                        for (guard, was_full) in guards.iter().zip(&mut full) {
+                            if let Err(e) = guard.check() {
+                                if GUARD_FAILED.allow() {
+                                    log::error!("checking a pmem file for truncation failed: {e}");
+                                }
+                            }
+                            let now_full = guard.file_system_full().unwrap_or(false);
+                            if now_full != *was_full {
+                                if now_full {
+                                    log::warn!(
+                                        "{}: its file system is full; guest writes that need new blocks wait until space returns",
+                                        guard.path()
+                                    );
+                                } else {
+                                    log::info!("{}: its file system has space again", guard.path());
+                                }
+                                *was_full = now_full;
+                            }
                         }
                     }
                 })?

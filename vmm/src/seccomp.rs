@@ -119,10 +119,12 @@ impl ThreadKind {
                 libc::SYS_fsync,
                 libc::SYS_sync_file_range,
                 libc::SYS_ioctl,
-                // The truncation check before each writeback.
+                // The truncation check before each writeback and between
+                // events, and the watch for a full file system.
                 libc::SYS_statx,
                 libc::SYS_fstat,
                 libc::SYS_newfstatat,
+                libc::SYS_fstatfs,
             ],
             // userfaultfd: read events, copy pages in, reserve blocks.
             Self::FaultServicer => vec![

@@ -81,11 +81,20 @@ impl HostFaultWait {
         }
     }
 
-    fn fault(&mut self, id: u8) {
+    /// `at`: the guest-physical range, where KVM says
+    /// (KVM_EXIT_MEMORY_FAULT, KVM_CAP_MEMORY_FAULT_INFO).
+    fn fault(&mut self, id: u8, at: Option<(u64, u64)>) {
         if self.since.is_none() {
             self.since = Some(std::time::Instant::now());
+            let what = match at {
+                Some((gpa, size)) => format!(
+                    "guest memory {gpa:#x}..{:#x} (KVM_EXIT_MEMORY_FAULT)",
+                    gpa.saturating_add(size)
+                ),
+                None => "a guest page (KVM_RUN: EFAULT)".to_string(),
+            };
             log::warn!(
-                "vCPU {id}: the host cannot provide a guest page (KVM_RUN: EFAULT); is the pmem file's filesystem full? waiting and retrying"
+                "vCPU {id}: the host cannot provide {what}; is the pmem file's filesystem full? waiting and retrying"
             );
         }
         std::thread::sleep(self.backoff.next_delay());
@@ -107,6 +116,15 @@ pub fn run(id: u8, mut vcpu: VcpuFd, ctx: Arc<VcpuContext>) {
     let mut host_wait = HostFaultWait::new();
     while !ctx.stop.load(Ordering::Acquire) {
         let end = match vcpu.run() {
+            // KVM_RUN failed with EFAULT, and (on kernels with
+            // KVM_CAP_MEMORY_FAULT_INFO) said where: kvm-ioctls returns
+            // that as an exit. Both mean the same to the VMM.
+            Ok(VcpuExit::MemoryFault { gpa, size, .. }) => {
+                if !truncation_gone(&ctx) {
+                    host_wait.fault(id, Some((gpa, size)));
+                }
+                None
+            }
             Ok(exit) => {
                 host_wait.progress(id);
                 handle_exit(id, exit, &ctx)
@@ -114,7 +132,7 @@ pub fn run(id: u8, mut vcpu: VcpuFd, ctx: Arc<VcpuContext>) {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Err(e) if e.errno() == libc::EFAULT => {
                 if !truncation_gone(&ctx) {
-                    host_wait.fault(id);
+                    host_wait.fault(id, None);
                 }
                 None
             }

@@ -358,8 +358,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
         exit: exit.clone(),
         stop: Default::default(),
     });
-    let events =
-        DeviceEventLoop::start(&pmem.devices).map_err(io_err("starting the device event loop"))?;
+    let events = DeviceEventLoop::start(&pmem).map_err(io_err("starting the device event loop"))?;
     vcpu::install_kick_handler().map_err(io_err("installing the vCPU kick signal handler"))?;
     let mut threads = Vec::new();
     for (id, fd) in vcpus.into_iter().enumerate() {

@@ -153,6 +153,17 @@ pub fn write_back(
 ) -> io::Result<WritebackReport> {
     let pages = set.len();
     let mut runs = 0;
+    if log::log_enabled!(log::Level::Debug) {
+        let first: Vec<String> = set
+            .runs(MAX_RUN_PAGES)
+            .take(8)
+            .map(|r| format!("{}+{}", r.first, r.pages))
+            .collect();
+        log::debug!(
+            "writeback: {pages} dirty pages, runs from {}",
+            first.join(" ")
+        );
+    }
     let result = (|| {
         shared.check_backing(file)?;
         for run in set.runs(MAX_RUN_PAGES) {

@@ -73,6 +73,24 @@ impl TruncationGuard {
         self.overlay_past(self.file.metadata()?.len())
     }
 
+    /// Whether the file's file system has no space left for unprivileged
+    /// writers. A guest store to a page without blocks then waits: on the
+    /// nested host as a write-through that retries, on hosts with EPT/NPT
+    /// inside KVM, which retries the fault without telling pmemvm.
+    pub fn file_system_full(&self) -> io::Result<bool> {
+        // SAFETY: fstatfs fills the struct we own; the fd is ours.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(&self.file), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st.f_bavail == 0)
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
     /// `check` for a file length the caller has just read.
     fn overlay_past(&self, len: u64) -> io::Result<bool> {
         if len >= self.size {

@@ -453,7 +453,8 @@ pub struct FaultBenchReport {
 }
 
 /// KVM statistics shown in the table when KVM has them.
-const VCPU_STATS_SHOWN: [&str; 6] = [
+const VCPU_STATS_SHOWN: [&str; 7] = [
+    crate::kvm_stats::PAGE_FAULT_STAT,
     "pf_taken",
     "pf_fixed",
     "pf_emulate",

@@ -158,6 +158,27 @@ fn a_flush_writes_back_exactly_the_dirty_pages_once() {
     }
 }
 
+/// Reads are not writes: a flush after the guest only read writes nothing
+/// back, whatever the engine and however its pages were populated.
+#[test]
+fn reads_leave_nothing_to_write_back() {
+    let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
+    let steps = [
+        step(StepOp::Read, 64, 0, PageOrder::Stride { stride: 1 }),
+        flush(),
+    ];
+    for engine in ENGINES {
+        let run = run(&mut dir, engine, 512, &steps)
+            .unwrap_or_else(|e| panic!("engine {}: {e}", engine.name()));
+        assert_eq!(
+            run.steps[1].engine.flush.last_pages,
+            0,
+            "engine {}: a read-only guest had pages written back",
+            engine.name()
+        );
+    }
+}
+
 #[test]
 fn a_paused_probe_resumes_where_it_stopped() {
     let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();

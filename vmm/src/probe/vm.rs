@@ -27,7 +27,7 @@ use super::guest::{
 use super::paging::*;
 use super::ProbeError;
 use crate::fault::FaultStats;
-use crate::kvm_stats::{self, KvmStats};
+use crate::kvm_stats::{self, KvmStats, TraceCounter};
 use crate::layout::{self, MMIO_GAP_START};
 use crate::pmem::{self, AttachError, DeviceEventLoop, PmemSet};
 use crate::vm::{create_guest_memory, open_kvm};
@@ -136,6 +136,9 @@ pub struct ProbeVm {
     steps: Vec<(StepSpec, u64)>,
     vm_stats: KvmStats,
     vcpu_stats: KvmStats,
+    /// `kvm:kvm_page_fault` events of the thread running the vCPU: the
+    /// EPT/NPT violations. Opened by the first run, on that thread.
+    page_faults: Option<Option<TraceCounter>>,
     tsc_khz: u32,
     timeout: Duration,
     created: Instant,
@@ -384,7 +387,7 @@ impl ProbeVm {
         let vcpu_stats = KvmStats::open_vcpu(&vcpu)?;
 
         activate_device(&mmio, mmio_gpa)?;
-        let events = DeviceEventLoop::start(&pmem.devices).map_err(ProbeError::EventLoop)?;
+        let events = DeviceEventLoop::start(&pmem).map_err(ProbeError::EventLoop)?;
         Ok(Self {
             engine: config.engine,
             vm,
@@ -396,6 +399,7 @@ impl ProbeVm {
             steps: placed,
             vm_stats,
             vcpu_stats,
+            page_faults: None,
             tsc_khz,
             timeout: config.timeout,
             created,
@@ -456,8 +460,17 @@ impl ProbeVm {
     }
 
     fn snapshot(&self) -> Result<Snapshot, ProbeError> {
+        let mut vcpu = self.vcpu_stats.read()?;
+        if let Some(Some(counter)) = &self.page_faults {
+            match counter.read() {
+                Ok(n) => {
+                    vcpu.insert(kvm_stats::PAGE_FAULT_STAT.to_string(), n);
+                }
+                Err(e) => log::debug!("reading the kvm_page_fault counter: {e}"),
+            }
+        }
         Ok(Snapshot {
-            vcpu: self.vcpu_stats.read()?,
+            vcpu,
             vm: self.vm_stats.read()?,
             at: Instant::now(),
         })
@@ -469,6 +482,14 @@ impl ProbeVm {
         crate::vcpu::install_kick_handler().map_err(ProbeError::EventLoop)?;
         if self.setup.is_none() {
             self.setup = Some(self.created.elapsed());
+        }
+        if self.page_faults.is_none() {
+            let counter = TraceCounter::open_this_thread(kvm_stats::PAGE_FAULT_EVENT)
+                .map_err(|e| {
+                    log::debug!("kvm:kvm_page_fault events are not counted: {e}");
+                })
+                .ok();
+            self.page_faults = Some(counter);
         }
         if self.last.is_none() {
             self.last = Some(self.snapshot()?);
@@ -486,15 +507,24 @@ impl ProbeVm {
                     state: self.describe_state(),
                 });
             }
-            let exit = match self.vcpu.run() {
+            let result = self.vcpu.run();
+            // EFAULT: KVM could not get the page from the host. Kernels with
+            // KVM_CAP_MEMORY_FAULT_INFO say where, which kvm-ioctls returns
+            // as an exit.
+            let host_fault = match &result {
+                Ok(VcpuExit::MemoryFault { .. }) => true,
+                Err(e) => e.errno() == libc::EFAULT,
+                Ok(_) => false,
+            };
+            if host_fault {
+                self.efault_retries += 1;
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(100));
+                continue;
+            }
+            let exit = match result {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) if e.errno() == libc::EFAULT => {
-                    self.efault_retries += 1;
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_millis(100));
-                    continue;
-                }
                 Err(e) => {
                     return Err(ProbeError::Kvm {
                         what: "KVM_RUN",
