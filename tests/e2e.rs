@@ -157,6 +157,7 @@ fn dax_ext4_xfs_two_devices_and_readonly() {
     out.expect_output("pmemvm-init: fsync returned pmem1");
     out.expect_output("pmemvm-init: dax ok");
     out.expect_code(0);
+    out.expect_host_choices();
 
     // ext4: the files, read by debugfs from the image, and a clean fsck.
     let ext4_s = path_str(&ext4);

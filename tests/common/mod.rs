@@ -129,6 +129,17 @@ pub const WRITABLE_CHECKS: &[&str] = &[
 /// Figures the writable checks print for the host ("metric DEV:NAME V UNIT").
 pub const WRITABLE_METRICS: &[&str] =
     &["first-touch-write-p50", "warm-write-p50", "fsync-1page-p50"];
+/// Whether this is a nested shadow-paging KVM host (PLATFORM.md), by the
+/// same signs pmemvm uses: the kvm_pvm module, or no VMX/SVM flag.
+pub fn nested_shadow_host() -> bool {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    Path::new("/sys/module/kvm_pvm").exists() || !hw
+}
+
 /// What a finished pmemvm run left behind.
 pub struct Outcome {
     pub status: ExitStatus,
@@ -149,6 +160,24 @@ impl Outcome {
             self.elapsed,
             self.output
         );
+    }
+
+    /// What pmemvm chose for this host kind: guest switches and the dirty
+    /// bitmap on a nested shadow-paging host; neither, and the dirty ring,
+    /// on a host with VMX/SVM (the NPT host). For runs with a kernel-engine
+    /// device.
+    pub fn expect_host_choices(&self) {
+        if nested_shadow_host() {
+            self.expect_output("adding guest switches");
+            self.expect_output("first writes tracked with the KVM dirty bitmap");
+        } else {
+            assert!(
+                !self.output.contains("adding guest switches"),
+                "pmemvm added guest switches on a VMX/SVM host; output:\n{}",
+                self.output
+            );
+            self.expect_output("first writes tracked with the KVM dirty ring");
+        }
     }
 
     /// Panics with the whole console unless it holds `needle`.
