@@ -23,6 +23,13 @@ bin() {
     printf '%s' "$b"
 }
 
+# One guest at a time: in the NPT host, two L2 guests running at once
+# triple-fault or hang now and then, with pmemvm and equally with QEMU as
+# the L2 VMM (no pmemvm): QEMU 7.2's SVM emulation under multi-threaded
+# TCG. One at a time, neither happened. Measured in the closing note of
+# the NPT-host issue; the reproduction is in README.md ("The NPT host").
+serial=(--test-threads=1)
+
 suites=(e2e engines host_faults probe stock_kernel bench_faults bench_flush)
 [ $# -gt 0 ] && suites=("$@")
 
@@ -30,9 +37,9 @@ declare -a summary=()
 failed=0
 for s in "${suites[@]}"; do
     case $s in
-    e2e | engines | host_faults) cmd=("$(bin "$s")") ;;
+    e2e | engines | host_faults) cmd=("$(bin "$s")" "${serial[@]}") ;;
     # The vmm crate's tests that boot the probe guest, and its unit tests.
-    probe) cmd=("$(bin vmm)") ;;
+    probe) cmd=("$(bin vmm)" "${serial[@]}") ;;
     stock_kernel) cmd=("$(bin stock_kernel)") ;;
     bench_faults) cmd=("$pmemvm" bench faults --pages 256 --repeat 1) ;;
     bench_flush) cmd=("$pmemvm" bench flush --dirty 0,1,64 --repeat 3) ;;

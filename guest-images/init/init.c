@@ -130,6 +130,15 @@ static int read_cmdline(void)
 
 static ssize_t read_file(const char *path, char *buf, size_t len);
 
+// libnvdimm registers pmem namespaces asynchronously, so /dev/pmemN may
+// appear after init starts (seen on a host with EPT/NPT, where boot is
+// quick): give it a few seconds.
+static void wait_for_device(const char *path)
+{
+	for (int i = 0; i < 500 && access(path, F_OK); i++)
+		usleep(10000);
+}
+
 // A distribution kernel brings its drivers as modules: the initramfs then
 // lists them in MODULE_LIST, one path per line, dependencies first. Each
 // gets the MODULE.KEY=VALUE words of the kernel command line as its
@@ -418,10 +427,7 @@ static int mount_dax(const struct dax_spec *d)
 	snprintf(src, sizeof(src), "/dev/%s", d->dev);
 	if (mkdir(d->mnt, 0755) && errno != EEXIST)
 		return check(d->dev, "mount", 0, "mkdir %s: %s", d->mnt, strerror(errno));
-	// Modules register pmem namespaces asynchronously: give a device that
-	// a module brings a few seconds to appear.
-	for (int i = 0; i < 500 && access(src, F_OK); i++)
-		usleep(10000);
+	wait_for_device(src);
 	int rc = mount(src, d->mnt, d->fs, d->ro ? MS_RDONLY : 0, "dax");
 	return check(d->dev, "mount", rc == 0, "mount -t %s -o %sdax %s %s: %s", d->fs,
 		     d->ro ? "ro," : "", src, d->mnt, strerror(errno));
@@ -791,6 +797,7 @@ static int raw_device(const char *dev)
 {
 	char path[64];
 	snprintf(path, sizeof(path), "/dev/%s", dev);
+	wait_for_device(path);
 	int fd = open(path, O_RDWR | O_DIRECT);
 	if (fd < 0) {
 		say("pmemvm-init: raw %s: open: %s", dev, strerror(errno));
@@ -820,6 +827,7 @@ static int stress_writer(const char *dev, int who)
 {
 	char path[64];
 	snprintf(path, sizeof(path), "/dev/%s", dev);
+	wait_for_device(path);
 	int fd = open(path, O_RDWR | O_DIRECT);
 	if (fd < 0)
 		return 1;
@@ -873,6 +881,7 @@ static int mode_raw(void)
 		char path[64];
 		static char buf[RAW_PAGE] __attribute__((aligned(RAW_PAGE)));
 		snprintf(path, sizeof(path), "/dev/%s", go);
+		wait_for_device(path);
 		int fd = open(path, O_RDONLY | O_DIRECT);
 		if (fd < 0) {
 			say("pmemvm-init: raw: open %s: %s", path, strerror(errno));
@@ -923,6 +932,7 @@ static int mode_acks(void)
 		return 1;
 	}
 	snprintf(path, sizeof(path), "/dev/%s", dev);
+	wait_for_device(path);
 	int fd = open(path, O_RDWR | O_DIRECT);
 	if (fd < 0) {
 		say("pmemvm-init: acks: open %s: %s", path, strerror(errno));
