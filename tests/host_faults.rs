@@ -396,16 +396,15 @@ fn fsync_eio_fails_the_flush_and_the_retry_writes_the_pages() {
     let stats_path = dir.join("stats.json");
     let mut args = Vec::new();
     for (name, engine) in [("kernel.img", "kernel"), ("uffd.img", "uffd")] {
-        // The guest's nd_pmem reads page 1 when it probes the device.
-        // Uncached, on a host with EPT/NPT, that read blocks, KVM serves it
-        // through its async page-fault worker, which faults the page in for
-        // writing, and then maps it writable, so the kernel engine's dirty
-        // log counts a page the guest only read (README, "engine="). This
-        // test is about EIO: the page is read into the cache first.
-        let mut page1 = vec![0u8; PAGE as usize];
-        File::open(fuse.mnt.join(name))
-            .and_then(|f| f.read_exact_at(&mut page1, PAGE))
-            .unwrap_or_else(|e| panic!("reading page 1 of {name} through FUSE: {e}"));
+        // The guest reads pages 0 and 1 as it probes the disk (the
+        // partition scan, nd_pmem's info block). Uncached, on a host with
+        // EPT/NPT, such a read blocks, KVM serves it through its async
+        // page-fault worker, which faults the page in for writing, and then
+        // maps it writable, so the kernel engine's dirty log counts a page
+        // the guest only read (README, "engine="). This test is about EIO:
+        // the whole file is read into the FUSE cache first.
+        fs::read(fuse.mnt.join(name))
+            .unwrap_or_else(|e| panic!("reading {name} through FUSE: {e}"));
         args.push("--pmem".to_string());
         args.push(pmem_arg(&fuse.mnt.join(name), &format!(",engine={engine}")));
     }

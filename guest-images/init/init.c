@@ -131,12 +131,20 @@ static int read_cmdline(void)
 static ssize_t read_file(const char *path, char *buf, size_t len);
 
 // libnvdimm registers pmem namespaces asynchronously, so /dev/pmemN may
-// appear after init starts (seen on a host with EPT/NPT, where boot is
-// quick): give it a few seconds.
+// be missing (ENOENT) or not ready (ENXIO) when init starts (seen on a host
+// with EPT/NPT, where boot is quick): give it a few seconds.
 static void wait_for_device(const char *path)
 {
-	for (int i = 0; i < 500 && access(path, F_OK); i++)
+	for (int i = 0; i < 500; i++) {
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd >= 0) {
+			close(fd);
+			return;
+		}
+		if (errno != ENOENT && errno != ENXIO)
+			return;
 		usleep(10000);
+	}
 }
 
 // A distribution kernel brings its drivers as modules: the initramfs then

@@ -115,71 +115,34 @@ pub fn assemble(
 mod tests {
     use super::*;
 
+    /// The line for a guest without devices.
+    fn bare(host: HostKind, quirks: HostQuirks, vcpus: u8, user: &str) -> Cmdline {
+        assemble(host, quirks, vcpus, Discovery::CommandLine(&[]), user).unwrap()
+    }
+
     #[test]
     fn hardware_host_gets_nothing_extra() {
-        let c = assemble(
-            HostKind::Hardware,
-            HostQuirks::Auto,
-            1,
-            Discovery::CommandLine(&[]),
-            "",
-        )
-        .unwrap();
+        let c = bare(HostKind::Hardware, HostQuirks::Auto, 1, "");
         assert_eq!(c.line, BASE);
         assert_eq!(c.host_switches, None);
     }
 
     #[test]
     fn nested_host_gets_switches_unless_turned_off() {
-        let c = assemble(
-            HostKind::NestedShadow,
-            HostQuirks::Auto,
-            1,
-            Discovery::CommandLine(&[]),
-            "quiet",
-        )
-        .unwrap();
+        let c = bare(HostKind::NestedShadow, HostQuirks::Auto, 1, "quiet");
         assert_eq!(c.line, format!("{BASE} {NESTED_SHADOW} quiet"));
         assert!(c.line.contains("syscall_pf_fixup"));
         assert_eq!(c.host_switches.as_deref(), Some(NESTED_SHADOW));
-        let c = assemble(
-            HostKind::NestedShadow,
-            HostQuirks::Auto,
-            2,
-            Discovery::CommandLine(&[]),
-            "",
-        )
-        .unwrap();
+        let c = bare(HostKind::NestedShadow, HostQuirks::Auto, 2, "");
         assert_eq!(
             c.line,
             format!("{BASE} {NESTED_SHADOW} {NESTED_SHADOW_SMP}")
         );
-        let c = assemble(
-            HostKind::Hardware,
-            HostQuirks::Auto,
-            8,
-            Discovery::CommandLine(&[]),
-            "",
-        )
-        .unwrap();
+        let c = bare(HostKind::Hardware, HostQuirks::Auto, 8, "");
         assert!(!c.line.contains("nopv"));
-        let c = assemble(
-            HostKind::NestedShadow,
-            HostQuirks::Off,
-            1,
-            Discovery::CommandLine(&[]),
-            "",
-        )
-        .unwrap();
+        let c = bare(HostKind::NestedShadow, HostQuirks::Off, 1, "");
         assert_eq!(c.line, BASE);
-        let c = assemble(
-            HostKind::Hardware,
-            HostQuirks::On,
-            1,
-            Discovery::CommandLine(&[]),
-            "",
-        )
-        .unwrap();
+        let c = bare(HostKind::Hardware, HostQuirks::On, 1, "");
         assert!(c.line.contains("no_fpu_fwait"));
     }
 
