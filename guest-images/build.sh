@@ -14,32 +14,28 @@ need_kernel_tools
 need_tool musl-gcc musl-tools
 
 # --- kernel -----------------------------------------------------------------
-kernel_key=$( { src_ver; hash_of "$here/kernel.config" "$here"/patches/*.patch "$here/build.sh" "$here/lib.sh"; } | sha256sum | cut -c1-16)
-kdir=$cache/kernel-$kernel_key
+kernel=(tinyconfig "$here/kernel.config" "vmlinux bzImage"
+    "vmlinux arch/x86/boot/bzImage usr/gen_init_cpio" "$here"/patches/*.patch)
+kdir=$(kernel_dir kernel "${kernel[@]}")
+kernel_key=${kdir##*-}
 if [ -f "$kdir/vmlinux" ]; then
     say "kernel: cached in $kdir"
 else
     say "kernel: building $src_pkg ($(src_ver)) into $kdir; about 7 min with 2 cores"
-    build_kernel "$kdir" tinyconfig "$here/kernel.config" "vmlinux bzImage" \
-        "vmlinux arch/x86/boot/bzImage usr/gen_init_cpio" "$here"/patches/*.patch
+    build_kernel "$kdir" "${kernel[@]}"
     say "kernel: done ($(du -h "$kdir/vmlinux" | cut -f1) vmlinux, $(du -h "$kdir/bzImage" | cut -f1) bzImage)"
 fi
 
 # --- init and initramfs ----------------------------------------------------
-musl_ver=$(dpkg-query -W -f='${Version}' musl-tools 2>/dev/null || echo unknown)
-init_key=$( { echo "$musl_ver"; hash_of "$here"/init/* "$here/build.sh"; } | sha256sum | cut -c1-16)
+init_key=$( { musl_ver; hash_of "$here"/init/* "$here/build.sh" "$here/lib.sh"; } | sha256sum | cut -c1-16)
 idir=$cache/initramfs-$init_key-$kernel_key
 if [ -f "$idir/initramfs.cpio.gz" ]; then
     say "initramfs: cached in $idir"
 else
     say "initramfs: building the static init"
     stage=$(mktemp -d "$cache/build-init.XXXXXX")
-    musl-gcc -static -Os -s -Wall -Wextra -Werror -o "$stage/init" "$here"/init/*.c
-    cat > "$stage/list" <<LIST
-dir /dev 0755 0 0
-nod /dev/console 0600 0 0 c 5 1
-dir /proc 0755 0 0
-dir /sys 0755 0 0
+    static_init "$stage/init" "$here"/init/*.c
+    { base_cpio_list; cat <<LIST; } > "$stage/list"
 dir /mnt 0755 0 0
 dir /tmp 01777 0 0
 file /init $stage/init 0755 0 0

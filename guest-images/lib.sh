@@ -30,6 +30,39 @@ src_ver() { dpkg-query -W -f='${Version}' "$src_pkg" 2>/dev/null || echo unknown
 # would make every checkout (CI clones, worktrees) miss the cache.
 hash_of() { for f in "$@"; do sha256sum < "$f"; done | sha256sum | cut -c1-16; }
 
+# kernel_dir NAME BASE FRAGMENT "TARGETS" "OUTPUTS" [PATCH...]
+# The cache directory of the kernel build_kernel makes from these
+# arguments. Its key covers what decides that kernel (the source package,
+# the arguments, the fragment's and patches' contents, build_kernel's own
+# text), not the scripts around it, so editing them rebuilds no kernel.
+kernel_dir() {
+    local name=$1 base=$2 fragment=$3 targets=$4 outputs=$5
+    shift 5
+    local key
+    key=$( { src_ver; echo "$base|$targets|$outputs"; hash_of "$fragment" "$@"; declare -f build_kernel; } |
+        sha256sum | cut -c1-16)
+    printf '%s/%s-%s' "$cache" "$name" "$key"
+}
+
+# The entries every initramfs here starts with, in gen_init_cpio's format.
+base_cpio_list() {
+    cat <<LIST
+dir /dev 0755 0 0
+nod /dev/console 0600 0 0 c 5 1
+dir /proc 0755 0 0
+dir /sys 0755 0 0
+LIST
+}
+
+# static_init OUT SRC...: a static init built with musl, warnings as errors.
+static_init() {
+    local out=$1
+    shift
+    musl-gcc -static -Os -s -Wall -Wextra -Werror -o "$out" "$@"
+}
+
+musl_ver() { dpkg-query -W -f='${Version}' musl-tools 2>/dev/null || echo unknown; }
+
 # build_kernel DIR BASE FRAGMENT "TARGETS" "OUTPUTS" [PATCH...]
 # Builds linux-source-6.1 configured as `make BASE` plus FRAGMENT, with the
 # patches applied, and moves OUTPUTS (paths in the tree) into DIR, along

@@ -47,10 +47,23 @@ for s in "${suites[@]}"; do
     esac
     echo "=== npt-host: $s: ${cmd[*]}" >&2
     start=$(date +%s.%N)
-    "$run" "${cmd[@]}"
-    rc=$?
+    out=$(mktemp)
+    "$run" "${cmd[@]}" 2>&1 | tee "$out"
+    rc=${PIPESTATUS[0]}
+    result=ok
+    # An L2 guest's triple fault is QEMU's (README, "The NPT host": a
+    # trace shows a fetch fault on the page the guest was executing, and
+    # QEMU/KVM guests in L1 fail the same way): the suite runs once more,
+    # and the summary says so. Any other failure stands.
+    if [ "$rc" -ne 0 ] && grep -q "guest shut down (triple fault)" "$out"; then
+        echo "=== npt-host: $s: an L2 guest triple-faulted (QEMU's SVM emulation); running the suite once more" >&2
+        "$run" "${cmd[@]}"
+        rc=$?
+        result="ok after an L2 triple fault"
+    fi
+    rm -f "$out"
     secs=$(echo "$(date +%s.%N) - $start" | bc)
-    if [ "$rc" -eq 0 ]; then result=ok; else result="FAILED ($rc)"; failed=1; fi
+    [ "$rc" -eq 0 ] || { result="FAILED ($rc)"; failed=1; }
     summary+=("$(printf '%-14s %7.1f s  %s' "$s" "$secs" "$result")")
 done
 echo "=== npt-host: suites (NPT host, $(${NPT_HOST_QEMU:-qemu-system-x86_64} --version | head -n 1))" >&2

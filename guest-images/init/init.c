@@ -26,6 +26,8 @@
 #include <unistd.h>
 #include <x86intrin.h>
 
+#include "line.h"
+
 #ifndef MAP_SHARED_VALIDATE
 #define MAP_SHARED_VALIDATE 0x03
 #endif
@@ -49,15 +51,10 @@ static void say(const char *fmt, ...)
 	char buf[512];
 	va_list ap;
 	va_start(ap, fmt);
-	int n = vsnprintf(buf, sizeof(buf) - 1, fmt, ap);
+	int n = format_line(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
-	if (n < 0)
-		return;
-	if (n > (int)sizeof(buf) - 2)
-		n = sizeof(buf) - 2;
-	buf[n++] = '\n';
 	// One write per line keeps lines whole on the serial console.
-	if (write(1, buf, n) < 0) {
+	if (n && write(1, buf, n) < 0) {
 		/* nothing else to report to */
 	}
 }

@@ -14,32 +14,27 @@ tag=npt-host
 need_kernel_tools
 need_tool musl-gcc musl-tools
 
-kernel_key=$( { src_ver; hash_of "$here/l1.config" "$here/build.sh" "$here/../lib.sh"; } | sha256sum | cut -c1-16)
-kdir=$cache/npt-host-kernel-$kernel_key
+kernel=(x86_64_defconfig "$here/l1.config" bzImage "arch/x86/boot/bzImage usr/gen_init_cpio")
+kdir=$(kernel_dir npt-host-kernel "${kernel[@]}")
 if [ -f "$kdir/bzImage" ]; then
     say "kernel: cached in $kdir"
 else
     say "kernel: building $src_pkg ($(src_ver)) into $kdir; about 12 min with 2 cores"
     start=$(date +%s)
-    build_kernel "$kdir" x86_64_defconfig "$here/l1.config" bzImage \
-        "arch/x86/boot/bzImage usr/gen_init_cpio"
+    build_kernel "$kdir" "${kernel[@]}"
     say "kernel: done in $(( $(date +%s) - start )) s ($(du -h "$kdir/bzImage" | cut -f1) bzImage)"
 fi
 
-musl_ver=$(dpkg-query -W -f='${Version}' musl-tools 2>/dev/null || echo unknown)
-init_key=$( { echo "$musl_ver"; hash_of "$here/init.c" "$here/build.sh"; } | sha256sum | cut -c1-16)
+init_key=$( { musl_ver; hash_of "$here/init.c" "$here/../init/line.h" "$here/build.sh" "$here/../lib.sh"; } |
+    sha256sum | cut -c1-16)
 idir=$cache/npt-host-initramfs-$init_key
 if [ -f "$idir/initramfs.cpio.gz" ]; then
     say "initramfs: cached in $idir"
 else
     say "initramfs: building the L1 init"
     stage=$(mktemp -d "$cache/build-npt-init.XXXXXX")
-    musl-gcc -static -Os -s -Wall -Wextra -Werror -o "$stage/init" "$here/init.c"
-    cat > "$stage/list" <<LIST
-dir /dev 0755 0 0
-nod /dev/console 0600 0 0 c 5 1
-dir /proc 0755 0 0
-dir /sys 0755 0 0
+    static_init "$stage/init" "$here/init.c"
+    { base_cpio_list; cat <<LIST; } > "$stage/list"
 dir /run 0755 0 0
 dir /host 0755 0 0
 dir /scratch 0755 0 0

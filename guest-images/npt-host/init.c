@@ -25,6 +25,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "../init/line.h"
+
 #define HOST "/host"
 #define JOB_MAX (1 << 20)
 
@@ -35,14 +37,9 @@ static void say(const char *fmt, ...)
 	char buf[1024];
 	va_list ap;
 	va_start(ap, fmt);
-	int n = vsnprintf(buf, sizeof(buf) - 1, fmt, ap);
+	int n = format_line(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
-	if (n < 0)
-		return;
-	if (n > (int)sizeof(buf) - 2)
-		n = sizeof(buf) - 2;
-	buf[n++] = '\n';
-	if (write(2, buf, n) < 0) {
+	if (n && write(2, buf, n) < 0) {
 		/* the console is all there is */
 	}
 }
@@ -56,19 +53,15 @@ static void __attribute__((noreturn)) finish(void)
 		pause();
 }
 
+// A line for the runner, on the status port, and on the console too.
 static void report(const char *fmt, ...)
 {
 	char buf[512];
 	va_list ap;
 	va_start(ap, fmt);
-	int n = vsnprintf(buf, sizeof(buf) - 1, fmt, ap);
+	int n = format_line(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
-	if (n < 0)
-		return;
-	if (n > (int)sizeof(buf) - 2)
-		n = sizeof(buf) - 2;
-	buf[n++] = '\n';
-	say("npt-host: %.*s", n - 1, buf);
+	say("npt-host: %.*s", n > 0 ? n - 1 : 0, buf);
 	if (status_fd >= 0 && write(status_fd, buf, n) != n)
 		say("npt-host: writing the status port: %s", strerror(errno));
 }

@@ -39,7 +39,8 @@ fi
 [ -n "$pkg" ] || die "cannot find the kernel package behind linux-image-amd64"
 ver=$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')
 
-key=$( { echo "$pkg $ver $wanted"; hash_of "$here/build.sh" "$guest/init"; } | sha256sum | cut -c1-16)
+key=$( { echo "$pkg $ver $wanted"; hash_of "$here/build.sh" "$here/../lib.sh" "$guest/init"; } |
+    sha256sum | cut -c1-16)
 dir=$cache/stock-kernel-$key
 if [ -f "$dir/initramfs.cpio.gz" ]; then
     say "cached in $dir ($pkg $ver)"
@@ -79,11 +80,8 @@ else
     mkdir -p "$stage"
     cp "$work/root/boot/vmlinuz-$kver" "$stage/vmlinuz"
     {
+        base_cpio_list
         cat <<LIST
-dir /dev 0755 0 0
-nod /dev/console 0600 0 0 c 5 1
-dir /proc 0755 0 0
-dir /sys 0755 0 0
 dir /mnt 0755 0 0
 dir /tmp 01777 0 0
 dir /lib 0755 0 0

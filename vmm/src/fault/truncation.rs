@@ -84,7 +84,9 @@ impl TruncationGuard {
         if unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(&self.file), &mut st) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(st.f_bavail == 0)
+        // A file system that reports no blocks at all (a FUSE one without
+        // statfs) says nothing about its space.
+        Ok(st.f_blocks > 0 && st.f_bavail == 0)
     }
 
     pub fn path(&self) -> &str {
