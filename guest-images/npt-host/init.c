@@ -10,16 +10,24 @@
 // the arguments, then the environment (KEY=VALUE). The command's stdout
 // and stderr go to the virtio-serial ports named "stdout" and "stderr";
 // one line "status N" (or "error TEXT") goes to the port "status".
+//
+// Two things let the runner tell a hung command from a hung L1: a
+// heartbeat per CPU, its digit every few seconds on the port "alive" from
+// a process pinned there (a CPU that cannot schedule it has locked up), and
+// npt.timeout=SECS, after which init lists every process with its state
+// and kernel stack, kills the command and reports "timeout SECS".
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -256,8 +264,111 @@ static struct job read_job(const char *path)
 	return job;
 }
 
-// Runs the job; its exit status, shell style (128 + N for signal N).
-static int run_job(struct job *job, int out, int err)
+#define HEARTBEAT_SECS 5
+
+// Per CPU, a process pinned to it that writes the CPU's digit (0-9, then
+// a-z) on the "alive" port every HEARTBEAT_SECS: a CPU that stops
+// scheduling it has locked up, even while the others run on.
+static void start_heartbeat(void)
+{
+	int fd = open_port("alive");
+	if (fd < 0) {
+		say("npt-host: no virtio-serial port named 'alive': no heartbeat");
+		return;
+	}
+	static const char digits[] = "0123456789abcdefghijklmnopqrstuvwxyz";
+	long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+	for (long cpu = 0; cpu < cpus && cpu < (long)sizeof(digits) - 1; cpu++) {
+		pid_t pid = fork();
+		if (pid < 0)
+			fail("fork: %s", strerror(errno));
+		if (pid)
+			continue;
+		cpu_set_t set;
+		CPU_ZERO(&set);
+		CPU_SET(cpu, &set);
+		if (sched_setaffinity(0, sizeof(set), &set))
+			say("npt-host: pin the heartbeat to CPU %ld: %s", cpu, strerror(errno));
+		prctl(PR_SET_NAME, "heartbeat");
+		for (;;) {
+			if (write(fd, &digits[cpu], 1) != 1 && errno != EINTR && errno != EAGAIN)
+				_exit(0);
+			sleep(HEARTBEAT_SECS);
+		}
+	}
+	close(fd);
+}
+
+static volatile sig_atomic_t timed_out;
+static void on_alarm(int sig)
+{
+	(void)sig;
+	timed_out = 1;
+}
+
+// One thread's name, state, wait channel and kernel stack, on the console.
+static void dump_thread(long pid, long tid)
+{
+	char path[80], stat[512], wchan[64] = "", stack[2048] = "";
+	snprintf(path, sizeof(path), "/proc/%ld/task/%ld/stat", pid, tid);
+	if (read_file(path, stat, sizeof(stat)) <= 0)
+		return;
+	// "TID (comm) S ...": the state follows the last ')'.
+	char *paren = strrchr(stat, ')');
+	char *comm = strchr(stat, '(');
+	if (!paren || !comm || paren[1] != ' ')
+		return;
+	*paren = 0;
+	snprintf(path, sizeof(path), "/proc/%ld/task/%ld/wchan", pid, tid);
+	read_file(path, wchan, sizeof(wchan));
+	say("npt-host: process %ld thread %ld %s state %c wchan %s", pid, tid, comm + 1, paren[2],
+	    wchan[0] ? wchan : "-");
+	snprintf(path, sizeof(path), "/proc/%ld/task/%ld/stack", pid, tid);
+	if (read_file(path, stack, sizeof(stack)) > 0) {
+		for (char *line = strtok(stack, "\n"); line; line = strtok(NULL, "\n"))
+			say("npt-host:     %s", line);
+	}
+}
+
+// Every thread of every user process, on the console: what a timed-out
+// command was stuck in.
+static void dump_processes(void)
+{
+	DIR *d = opendir("/proc");
+	if (!d)
+		return;
+	struct dirent *e;
+	while ((e = readdir(d))) {
+		char *end;
+		long pid = strtol(e->d_name, &end, 10);
+		if (*end || pid <= 2)
+			continue;
+		char path[80], stat[512];
+		snprintf(path, sizeof(path), "/proc/%ld/stat", pid);
+		if (read_file(path, stat, sizeof(stat)) <= 0)
+			continue;
+		// Not the kernel's threads (children of kthreadd).
+		char *paren = strrchr(stat, ')');
+		if (!paren || strtol(paren + 4, NULL, 10) == 2)
+			continue;
+		snprintf(path, sizeof(path), "/proc/%ld/task", pid);
+		DIR *t = opendir(path);
+		if (!t)
+			continue;
+		struct dirent *te;
+		while ((te = readdir(t))) {
+			long tid = strtol(te->d_name, &end, 10);
+			if (!*end && tid > 0)
+				dump_thread(pid, tid);
+		}
+		closedir(t);
+	}
+	closedir(d);
+}
+
+// Runs the job; its exit status, shell style (128 + N for signal N), or
+// -1 when it ran past timeout seconds (0: no limit) and was killed.
+static int run_job(struct job *job, int out, int err, unsigned timeout)
 {
 	pid_t pid = fork();
 	if (pid < 0)
@@ -279,10 +390,19 @@ static int run_job(struct job *job, int out, int err)
 		dprintf(2, "npt-host: cannot run %s: %s\n", job->argv[0], strerror(errno));
 		_exit(errno == ENOENT ? 127 : 126);
 	}
+	struct sigaction sa = { .sa_handler = on_alarm };
+	sigaction(SIGALRM, &sa, NULL);
+	alarm(timeout);
 	// PID 1 reaps every orphan; the job's own status is the one returned.
 	for (;;) {
 		int st;
 		pid_t got = waitpid(-1, &st, 0);
+		if (got < 0 && errno == EINTR && timed_out) {
+			say("npt-host: the command ran past %u s; its processes:", timeout);
+			dump_processes();
+			kill(-pid, SIGKILL);
+			return -1;
+		}
 		if (got < 0 && errno == EINTR)
 			continue;
 		if (got < 0)
@@ -332,14 +452,20 @@ int main(void)
 	int out = open_port("stdout"), err = open_port("stderr");
 	if (out < 0 || err < 0)
 		fail("no virtio-serial ports named 'stdout' and 'stderr'");
+	char *limit = cmdline_value(cmdline, "npt.timeout");
+	unsigned timeout = limit ? strtoul(limit, NULL, 10) : 0;
+	start_heartbeat();
 	say("npt-host: ready; running %s in %s", job.argv[0], job.cwd);
-	int status = run_job(&job, out, err);
+	int status = run_job(&job, out, err, timeout);
 	// Whatever the job left running goes now, before the disk does.
 	kill(-1, SIGKILL);
 	while (waitpid(-1, NULL, 0) > 0 || errno == EINTR)
 		;
 	close(out);
 	close(err);
-	report("status %d", status);
+	if (status < 0)
+		report("timeout %u", timeout);
+	else
+		report("status %d", status);
 	finish();
 }
