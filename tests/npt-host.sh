@@ -40,7 +40,7 @@ for s in "${suites[@]}"; do
     e2e | engines | host_faults) cmd=("$(bin "$s")" "${serial[@]}") ;;
     # The vmm crate's tests that boot the probe guest, and its unit tests.
     probe) cmd=("$(bin vmm)" "${serial[@]}") ;;
-    stock_kernel) cmd=("$(bin stock_kernel)") ;;
+    stock_kernel) cmd=("$(bin stock_kernel)" --nocapture) ;;
     bench_faults) cmd=("$pmemvm" bench faults --pages 256 --repeat 1) ;;
     bench_flush) cmd=("$pmemvm" bench flush --dirty 0,1,64 --repeat 3) ;;
     *) echo "npt-host.sh: unknown suite '$s' (known: ${suites[*]})" >&2; exit 2 ;;
