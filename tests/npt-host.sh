@@ -54,16 +54,19 @@ for s in "${suites[@]}"; do
     "$run" "${cmd[@]}" 2>&1 | tee "$out"
     rc=${PIPESTATUS[0]}
     result=ok
-    # An L2 guest's triple fault is QEMU's (README, "The NPT host": a
-    # trace shows a fetch fault on the page the guest was executing, and
-    # QEMU/KVM guests in L1 fail the same way): the suite runs once more,
-    # and the summary says so. Any other failure stands.
-    if [ "$rc" -ne 0 ] && grep -q "guest shut down (triple fault)" "$out"; then
-        echo "=== npt-host: $s: an L2 guest triple-faulted (QEMU's SVM emulation); running the suite once more" >&2
-        "$run" "${cmd[@]}"
-        rc=$?
-        result="ok after an L2 triple fault"
-    fi
+    # An L2 guest's triple fault is QEMU's (README, "The NPT host": it
+    # strikes at random points of boot, a trace shows a fetch fault on the
+    # page the guest was executing, and QEMU/KVM guests in L1 fail the same
+    # way): the suite runs again, at most twice, and the summary says so.
+    # Any other failure stands.
+    faults=0
+    while [ "$rc" -ne 0 ] && [ "$faults" -lt 2 ] && grep -q "guest shut down (triple fault)" "$out"; do
+        faults=$((faults + 1))
+        echo "=== npt-host: $s: an L2 guest triple-faulted (QEMU's SVM emulation); running the suite again ($faults of 2)" >&2
+        "$run" "${cmd[@]}" 2>&1 | tee "$out"
+        rc=${PIPESTATUS[0]}
+        result="ok after $faults L2 triple fault(s)"
+    done
     rm -f "$out"
     secs=$(echo "$(date +%s.%N) - $start" | bc)
     [ "$rc" -eq 0 ] || { result="FAILED ($rc)"; failed=1; }
