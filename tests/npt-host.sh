@@ -33,6 +33,10 @@ serial=(--test-threads=1)
 suites=(e2e engines host_faults probe stock_kernel bench_faults bench_flush)
 [ $# -gt 0 ] && suites=("$@")
 
+# Each suite takes under a minute there when well; a stuck one is ended
+# by L1's init after this, with what each process was stuck in.
+export NPT_HOST_TIMEOUT=${NPT_HOST_TIMEOUT_SUITE:-600}
+
 declare -a summary=()
 failed=0
 for s in "${suites[@]}"; do
@@ -45,9 +49,6 @@ for s in "${suites[@]}"; do
     bench_flush) cmd=("$pmemvm" bench flush --dirty 0,1,64 --repeat 3) ;;
     *) echo "npt-host.sh: unknown suite '$s' (known: ${suites[*]})" >&2; exit 2 ;;
     esac
-    # Each suite takes under a minute there when well; a stuck one is
-    # ended by L1's init after this, with what each process was stuck in.
-    export NPT_HOST_TIMEOUT=${NPT_HOST_TIMEOUT_SUITE:-600}
     echo "=== npt-host: $s: ${cmd[*]}" >&2
     start=$(date +%s.%N)
     out=$(mktemp)

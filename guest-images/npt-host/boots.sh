@@ -10,8 +10,6 @@
 # AT_ONCE guests boot side by side in each round (default 1). Environment:
 #   VMM=pmemvm|qemu   the L2 VMM (default pmemvm)
 #   VCPUS=N           vCPUs per guest (default 2)
-#   KVM_KNOBS="K=V ..."  /sys/module/kvm*/parameters to set first, where
-#                     writable (for example "kvm.halt_poll_ns=0")
 # Prints a line per failed guest and a summary line:
 #   boots: VMM vcpus=N at_once=N: OK ok, TF triple fault, H hung
 set -u
@@ -26,11 +24,6 @@ vcpus=${VCPUS:-2}
 work=$(mktemp -d "${TMPDIR:-/tmp}/boots.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-for kv in ${KVM_KNOBS:-}; do
-    mod=${kv%%.*} rest=${kv#*.}
-    echo "${rest#*=}" > "/sys/module/$mod/parameters/${rest%%=*}" ||
-        echo "boots: cannot set $kv" >&2
-done
 cmdline="pmemvm_mode=demo"
 boot() {
     local g=$1
