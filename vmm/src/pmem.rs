@@ -25,7 +25,7 @@ use crate::cmdline::MmioDeviceSpec;
 use crate::fault::dirty_log::{DirtyLog, DirtyLogError};
 use crate::fault::uffd::{UffdEngine, UffdTuning};
 use crate::fault::write_through::PmemWriteThrough;
-use crate::fault::{DirtyLogWriteback, EngineShared, FaultStats, MappedRuns, TruncationGuard};
+use crate::fault::{DirtyLogWriteback, FaultStats, MappedRuns, PageTracker, TruncationGuard};
 use crate::layout::{self, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE};
 use crate::vm::IrqLine;
 
@@ -69,7 +69,7 @@ pub struct AttachedPmem {
     device: Arc<Mutex<PmemDevice>>,
     metrics: Arc<PmemMetrics>,
     engine: FaultEngineKind,
-    shared: Arc<EngineShared>,
+    shared: Arc<PageTracker>,
     spec: MmioDeviceSpec,
 }
 
@@ -231,7 +231,7 @@ pub fn attach(
         };
         let readonly = backing.readonly();
         let slot = first_slot + i as u32;
-        let shared = EngineShared::new(backing.size());
+        let shared = PageTracker::new(backing.size());
         let is_tracked = tracked(&backing, engine);
         let mut flags = if readonly { KVM_MEM_READONLY } else { 0 };
         let mut host = backing.host_addr() as u64;

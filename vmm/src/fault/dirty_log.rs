@@ -24,7 +24,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 
-use super::{EngineShared, PAGE_SIZE};
+use super::{PageTracker, PAGE_SIZE};
 use crate::host::HostKind;
 
 /// Entries per vCPU ring: 1 MiB of ring, 256 MiB of first writes between
@@ -40,7 +40,7 @@ const KVM_RESET_DIRTY_RINGS: libc::c_ulong = 0xaec7;
 struct TrackedSlot {
     slot: u32,
     size: u64,
-    shared: Arc<EngineShared>,
+    shared: Arc<PageTracker>,
 }
 
 /// One vCPU's ring, mapped from its fd.
@@ -205,7 +205,7 @@ impl DirtyLog {
 
     /// Routes writes to `slot` (created with KVM_MEM_LOG_DIRTY_PAGES) into
     /// `shared`'s page states.
-    pub fn track(&self, slot: u32, size: u64, shared: Arc<EngineShared>) {
+    pub fn track(&self, slot: u32, size: u64, shared: Arc<PageTracker>) {
         self.slots
             .write()
             .unwrap_or_else(|p| p.into_inner())

@@ -95,7 +95,7 @@ impl FaultMetrics {
     }
 
     /// `dirty_pages` and `backing_truncated` come from the page states,
-    /// which this does not see (see `EngineShared::stats`).
+    /// which this does not see (see `PageTracker::stats`).
     pub fn snapshot(
         &self,
         engine: &'static str,

@@ -7,7 +7,7 @@
 //! SIGBUS. The guard notices the shrink, says so once, and maps anonymous
 //! memory over the lost part of the region, so the guest keeps running on
 //! memory that no longer reaches the file; every flush of the device fails
-//! from then on ([`EngineShared::check_backing`]).
+//! from then on ([`PageTracker::check_backing`]).
 //!
 //! The memslot needs no change: KVM resolves the host address again on the
 //! next fault, and replacing the mapping invalidates what it had mapped.
@@ -17,7 +17,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
-use super::{EngineShared, PAGE_SIZE};
+use super::{PageTracker, PAGE_SIZE};
 
 #[derive(Debug)]
 pub struct TruncationGuard {
@@ -31,7 +31,7 @@ pub struct TruncationGuard {
     /// From this offset to the end the region is anonymous memory. `size`
     /// until a shrink is seen; it only ever goes down.
     cut: Mutex<u64>,
-    shared: Arc<EngineShared>,
+    shared: Arc<PageTracker>,
 }
 
 impl TruncationGuard {
@@ -44,7 +44,7 @@ impl TruncationGuard {
         host: *mut u8,
         size: u64,
         readonly: bool,
-        shared: Arc<EngineShared>,
+        shared: Arc<PageTracker>,
     ) -> Self {
         Self {
             file,
@@ -289,8 +289,8 @@ mod tests {
 
     impl Mapped {
         /// A writable guard over the whole mapping, and its engine state.
-        fn guard(&self) -> (Arc<EngineShared>, TruncationGuard) {
-            let shared = EngineShared::new(self.size as u64);
+        fn guard(&self) -> (Arc<PageTracker>, TruncationGuard) {
+            let shared = PageTracker::new(self.size as u64);
             let guard = TruncationGuard::new(
                 self.file.try_clone().unwrap(),
                 "t".into(),

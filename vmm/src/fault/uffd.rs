@@ -16,7 +16,7 @@
 //! A flush takes the dirty set and write-protects it again under the states
 //! lock, then copies those pages from the mirror to the file and fdatasyncs.
 //!
-//! Invariants, each kept under the [`EngineShared`] states lock together
+//! Invariants, each kept under the [`PageTracker`] states lock together
 //! with the ioctl that makes it true in the mirror:
 //! - Absent <=> not in the mirror: only the handler thread inserts pages.
 //! - Clean => write-protected: the next write faults.
@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use devices::virtio::pmem::{Writeback, WritebackReport};
 
 use super::{
-    write_back, Access, Backoff, DirtySet, EngineShared, PageState, PageStates, Run, Transition,
+    write_back, Access, Backoff, DirtySet, PageState, PageStates, PageTracker, Run, Transition,
     PAGE_SIZE,
 };
 
@@ -354,7 +354,7 @@ struct Mirror {
     uffd: OwnedFd,
     /// eventfd: readable once the engine is dropped.
     stop: OwnedFd,
-    shared: Arc<EngineShared>,
+    shared: Arc<PageTracker>,
     /// Test hook: the next N reservations fail with ENOSPC.
     #[cfg(test)]
     inject_enospc: std::sync::atomic::AtomicU32,
@@ -570,7 +570,7 @@ struct Progress {
 impl Progress {
     /// Counts the fault. Called with the states lock held, so whoever takes
     /// the lock after the faulting thread resumed sees the fault counted.
-    fn record(&self, shared: &EngineShared) {
+    fn record(&self, shared: &PageTracker) {
         shared.metrics.record_fault(
             self.transition.unwrap_or(Transition::AlreadyDone),
             self.inserted,
@@ -842,7 +842,7 @@ impl Handler {
         loop {
             // SAFETY: plain syscall on our fd; no memory is passed.
             // KEEP_SIZE: a file another program shrank is not grown back
-            // (its flushes fail; see EngineShared::check_backing).
+            // (its flushes fail; see PageTracker::check_backing).
             let rc = unsafe {
                 libc::fallocate64(
                     m.file.as_raw_fd(),
@@ -1119,7 +1119,7 @@ impl UffdEngine {
         readonly: bool,
         discard_writes: bool,
         tuning: UffdTuning,
-        shared: Arc<EngineShared>,
+        shared: Arc<PageTracker>,
     ) -> io::Result<Arc<UffdEngine>> {
         let UffdTuning { populate, poll } = tuning;
         let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
@@ -1464,7 +1464,7 @@ pub fn measure_first_touch(
     populate: u16,
     access: Access,
 ) -> io::Result<TouchCost> {
-    let shared = EngineShared::new(size);
+    let shared = PageTracker::new(size);
     let engine = UffdEngine::start(
         "bench",
         file,
@@ -1548,7 +1548,7 @@ mod tests {
 
     struct Fixture {
         engine: Arc<UffdEngine>,
-        shared: Arc<EngineShared>,
+        shared: Arc<PageTracker>,
         /// The test's own handle on the file.
         file: File,
         _temp: Temp,
@@ -1590,7 +1590,7 @@ mod tests {
             } else {
                 file.try_clone().unwrap()
             };
-            let shared = EngineShared::new(size);
+            let shared = PageTracker::new(size);
             let engine = UffdEngine::start(
                 name,
                 engine_file,
@@ -2105,7 +2105,7 @@ mod tests {
     #[test]
     fn invalid_arguments_are_refused() {
         let file = File::open("/dev/null").unwrap();
-        let shared = EngineShared::new(2 * MIB);
+        let shared = PageTracker::new(2 * MIB);
         for (size, populate) in [(2 * MIB, 0), (2 * MIB, 513), (2 * MIB + 1, 1), (4 * MIB, 1)] {
             let err = UffdEngine::start(
                 "bad",

@@ -18,13 +18,13 @@ use std::time::Instant;
 use devices::bus::BusDevice;
 use devices::ratelimit::LogLimiter;
 
-use super::{Backoff, EngineShared, TruncationGuard, PAGE_SIZE};
+use super::{Backoff, PageTracker, TruncationGuard, PAGE_SIZE};
 
 pub struct PmemWriteThrough {
     file: File,
     path: String,
     size: u64,
-    shared: Arc<EngineShared>,
+    shared: Arc<PageTracker>,
     guard: Option<Arc<TruncationGuard>>,
     warn: LogLimiter,
 }
@@ -34,7 +34,7 @@ impl PmemWriteThrough {
         file: File,
         path: String,
         size: u64,
-        shared: Arc<EngineShared>,
+        shared: Arc<PageTracker>,
         guard: Option<Arc<TruncationGuard>>,
     ) -> Self {
         Self {
@@ -139,7 +139,7 @@ mod tests {
     #[test]
     fn stores_reach_the_file_and_dirty_their_pages() {
         let (path, f) = super::super::temp_file("wt", 4 * PAGE_SIZE);
-        let shared = EngineShared::new(4 * PAGE_SIZE);
+        let shared = PageTracker::new(4 * PAGE_SIZE);
         let mut region = PmemWriteThrough::new(
             f.try_clone().unwrap(),
             "t".into(),
