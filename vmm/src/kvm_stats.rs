@@ -142,9 +142,8 @@ impl TraceCounter {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a fresh fd that nothing else owns.
-        Ok(Self {
-            file: unsafe { File::from_raw_fd(fd) },
-        })
+        let file = unsafe { File::from_raw_fd(fd) };
+        Ok(Self { file })
     }
 
     pub fn read(&self) -> io::Result<u64> {

@@ -4,24 +4,30 @@
 // Guest-controlled values must never panic the VMM: no unwrap/expect outside tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+// Modules from the leaves up: each uses only those above it.
 pub mod acpi;
 pub mod boot;
 pub mod cmdline;
 pub mod cpu;
+pub mod error;
 pub mod exit;
 pub mod fault;
 pub mod host;
 pub mod kvm_stats;
 pub mod layout;
+pub mod machine;
 pub mod mptable;
 pub mod pmem;
 pub mod probe;
 pub mod seccomp;
 pub mod stats;
-mod vcpu;
+pub mod vcpu;
 mod vm;
+pub mod vstate;
+pub mod worker;
 
 pub use cmdline::HostQuirks;
 pub use devices::legacy::EXIT_PORT;
 pub use devices::virtio::pmem::PmemConfig;
-pub use vm::{run, VmConfig, VmmError};
+pub use error::VmmError;
+pub use vm::{run, VmConfig};

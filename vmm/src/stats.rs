@@ -12,7 +12,13 @@ use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::kvm_stats::{self, KvmStats};
 use crate::pmem::{AttachedPmem, DeviceStats};
-use crate::vm::VmmError;
+
+#[derive(Debug, thiserror::Error)]
+#[error("--stats {path}: {source}")]
+pub struct StatsError {
+    path: String,
+    source: std::io::Error,
+}
 
 #[derive(Serialize)]
 struct Stats {
@@ -27,7 +33,7 @@ pub struct StatsFile {
 }
 
 impl StatsFile {
-    pub fn create(path: &Path) -> Result<Self, VmmError> {
+    pub fn create(path: &Path) -> Result<Self, StatsError> {
         let file = File::create(path).map_err(|source| stats_err(path, source))?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -39,7 +45,7 @@ impl StatsFile {
         mut self,
         pmem: &[AttachedPmem],
         kvm: Option<KvmCounters>,
-    ) -> Result<(), VmmError> {
+    ) -> Result<(), StatsError> {
         let kvm = kvm.map(|k| k.delta()).unwrap_or_default();
         let stats = Stats {
             pmem: pmem
@@ -61,8 +67,8 @@ impl StatsFile {
     }
 }
 
-fn stats_err(path: &Path, source: std::io::Error) -> VmmError {
-    VmmError::Stats {
+fn stats_err(path: &Path, source: std::io::Error) -> StatsError {
+    StatsError {
         path: path.display().to_string(),
         source,
     }

@@ -13,8 +13,19 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::exit::{ExitSignal, RunEnd};
-use crate::fault::dirty_log::DirtyLog;
-use crate::fault::{Backoff, TruncationGuard};
+use crate::fault::Backoff;
+
+/// What a vCPU does when the host, not the guest, stands in the way:
+/// implemented by the pmem devices and their fault engines.
+pub trait HostFaultHandler: Send + Sync {
+    /// KVM_RUN could not get a guest page from the host (EFAULT, or
+    /// KVM_EXIT_MEMORY_FAULT). Returns whether the cause was repaired, so
+    /// the vCPU retries at once; otherwise it waits and retries.
+    fn memory_fault(&self) -> bool;
+
+    /// KVM_EXIT_DIRTY_RING_FULL: drain the rings so the vCPU can go on.
+    fn dirty_ring_full(&self, vcpu: u8) -> Result<(), String>;
+}
 
 /// What every vCPU thread shares.
 pub struct VcpuContext {
@@ -23,17 +34,11 @@ pub struct VcpuContext {
     pub mem: GuestMemoryMmap,
     pub exit: Arc<ExitSignal>,
     pub stop: AtomicBool,
-    /// KVM dirty rings to drain when one fills up.
-    pub dirty_log: Option<Arc<DirtyLog>>,
-    /// The pmem devices whose file is mapped into the guest: consulted on
-    /// EFAULT, in case the file shrank.
-    pub truncation_guards: Vec<Arc<TruncationGuard>>,
+    pub host_faults: Arc<dyn HostFaultHandler>,
 }
 
 static UNKNOWN_PIO: LogLimiter = LogLimiter::new(8, 1000);
 static UNKNOWN_MMIO: LogLimiter = LogLimiter::new(8, 1000);
-static EMPTY_RING_FULL: LogLimiter = LogLimiter::new(4, 100_000);
-static GUARD_FAILED: LogLimiter = LogLimiter::new(4, 100_000);
 /// Linux writes to port 0x80 to delay I/O; nothing is there.
 const POST_PORT: u16 = 0x80;
 
@@ -65,7 +70,7 @@ pub fn kick(handle: &JoinHandle<()>) {
 
 /// KVM_RUN failing with EFAULT: the host could not provide a guest page.
 /// A pmem file that another program shrank is overlaid with anonymous
-/// memory and the vCPU goes on at once ([`truncation_gone`]); otherwise the
+/// memory and the vCPU goes on at once ([`HostFaultHandler`]); otherwise the
 /// file's filesystem is likely full (its mkwrite failed), and the vCPU
 /// waits and retries rather than killing the guest.
 struct HostFaultWait {
@@ -111,33 +116,84 @@ impl HostFaultWait {
     }
 }
 
-pub fn run(id: u8, mut vcpu: VcpuFd, ctx: Arc<VcpuContext>) {
-    crate::seccomp::confine_or_warn(crate::seccomp::ThreadKind::Vcpu);
-    let mut host_wait = HostFaultWait::new();
-    while !ctx.stop.load(Ordering::Acquire) {
-        let end = match vcpu.run() {
+/// The exits of one vCPU that the VMM serves, for pmemvm's run loop and
+/// the lab's alike: port and MMIO accesses, host faults, the dirty ring,
+/// and the ends of the run.
+pub struct ExitHandler {
+    id: u8,
+    ctx: Arc<VcpuContext>,
+    host_wait: HostFaultWait,
+    host_faults: u64,
+    dirty_ring_full: u64,
+}
+
+impl ExitHandler {
+    pub fn new(id: u8, ctx: Arc<VcpuContext>) -> Self {
+        Self {
+            id,
+            ctx,
+            host_wait: HostFaultWait::new(),
+            host_faults: 0,
+            dirty_ring_full: 0,
+        }
+    }
+
+    /// Serves what KVM_RUN returned; `Some` ends the run.
+    pub fn handle(&mut self, result: Result<VcpuExit, kvm_ioctls::Error>) -> Option<RunEnd> {
+        let id = self.id;
+        match result {
             // KVM_RUN failed with EFAULT, and (on kernels with
             // KVM_CAP_MEMORY_FAULT_INFO) said where: kvm-ioctls returns
             // that as an exit. Both mean the same to the VMM.
             Ok(VcpuExit::MemoryFault { gpa, size, .. }) => {
-                if !truncation_gone(&ctx) {
-                    host_wait.fault(id, Some((gpa, size)));
-                }
+                self.host_fault(Some((gpa, size)));
                 None
+            }
+            Err(e) if e.errno() == libc::EFAULT => {
+                self.host_fault(None);
+                None
+            }
+            Ok(VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)) => {
+                self.host_wait.progress(id);
+                self.dirty_ring_full += 1;
+                self.ctx
+                    .host_faults
+                    .dirty_ring_full(id)
+                    .err()
+                    .map(|e| RunEnd::Fault(format!("vCPU {id}: {e}")))
             }
             Ok(exit) => {
-                host_wait.progress(id);
-                handle_exit(id, exit, &ctx)
+                self.host_wait.progress(id);
+                handle_exit(id, exit, &self.ctx)
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-            Err(e) if e.errno() == libc::EFAULT => {
-                if !truncation_gone(&ctx) {
-                    host_wait.fault(id, None);
-                }
-                None
-            }
             Err(e) => Some(RunEnd::Fault(format!("vCPU {id}: KVM_RUN failed: {e}"))),
-        };
+        }
+    }
+
+    fn host_fault(&mut self, at: Option<(u64, u64)>) {
+        self.host_faults += 1;
+        if !self.ctx.host_faults.memory_fault() {
+            self.host_wait.fault(self.id, at);
+        }
+    }
+
+    /// Times KVM_RUN could not get a page from the host.
+    pub fn host_faults(&self) -> u64 {
+        self.host_faults
+    }
+
+    /// KVM_EXIT_DIRTY_RING_FULL exits served.
+    pub fn dirty_ring_full_exits(&self) -> u64 {
+        self.dirty_ring_full
+    }
+}
+
+pub fn run(id: u8, mut vcpu: VcpuFd, ctx: Arc<VcpuContext>) {
+    crate::seccomp::confine_or_warn(crate::seccomp::ThreadKind::Vcpu);
+    let mut exits = ExitHandler::new(id, ctx.clone());
+    while !ctx.stop.load(Ordering::Acquire) {
+        let end = exits.handle(vcpu.run());
         if let Some(end) = end {
             let end = match end {
                 RunEnd::Fault(what) => {
@@ -149,23 +205,6 @@ pub fn run(id: u8, mut vcpu: VcpuFd, ctx: Arc<VcpuContext>) {
             return;
         }
     }
-}
-
-/// Whether a pmem file shrank and its lost part was just overlaid, so that
-/// KVM_RUN can be retried at once.
-fn truncation_gone(ctx: &VcpuContext) -> bool {
-    let mut patched = false;
-    for guard in &ctx.truncation_guards {
-        match guard.check() {
-            Ok(p) => patched |= p,
-            Err(e) => {
-                if GUARD_FAILED.allow() {
-                    log::error!("checking a pmem file for truncation failed: {e}");
-                }
-            }
-        }
-    }
-    patched
 }
 
 fn handle_exit(id: u8, exit: VcpuExit, ctx: &VcpuContext) -> Option<RunEnd> {
@@ -199,27 +238,6 @@ fn handle_exit(id: u8, exit: VcpuExit, ctx: &VcpuContext) -> Option<RunEnd> {
                 log::warn!("vCPU {id}: write of unmapped MMIO {addr:#x} ignored");
             }
             None
-        }
-        VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
-            let harvested = ctx.dirty_log.as_ref().map(|log| log.harvest());
-            match harvested {
-                Some(Ok(0)) => {
-                    if EMPTY_RING_FULL.allow() {
-                        log::warn!(
-                            "vCPU {id}: dirty ring full but nothing to harvest: {:?}",
-                            ctx.dirty_log.as_ref().map(|l| l.ring_positions())
-                        );
-                    }
-                    None
-                }
-                Some(Ok(_)) => None,
-                Some(Err(e)) => Some(RunEnd::Fault(format!(
-                    "vCPU {id}: draining the full dirty ring failed: {e}"
-                ))),
-                None => Some(RunEnd::Fault(format!(
-                    "vCPU {id}: dirty ring full, but pmemvm enabled no ring"
-                ))),
-            }
         }
         VcpuExit::Shutdown => {
             log::info!("vCPU {id}: guest shut down (triple fault); treating it as a reboot");

@@ -6,29 +6,26 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::bus::{Bus, BusError};
+use devices::bus::Bus;
 use devices::legacy::{ExitPort, SerialConsole, EXIT_PORT, I8042};
 use devices::virtio::pmem::PmemConfig;
-use devices::Interrupt;
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
+use kvm_ioctls::Cap;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::acpi;
 use crate::boot::{self, BootError};
-use crate::cmdline::{self, CmdlineError, HostQuirks, MmioDeviceSpec};
-use crate::cpu::{self, CpuError};
+use crate::cmdline::{self, HostQuirks, MmioDeviceSpec};
+use crate::cpu;
+use crate::error::{io_err, kvm_err, VmmError};
 use crate::exit::{ExitSignal, RunEnd};
 use crate::host::HostKind;
-use crate::layout::{self, MAX_MEMORY, MIB, MIN_MEMORY};
-use crate::mptable::{self, MpTableError};
-use crate::pmem::{self, AttachError, DeviceEventLoop};
+use crate::layout::{self, MAX_MEMORY, MIN_MEMORY};
+use crate::machine::{Machine, MachineConfig};
+use crate::mptable;
+use crate::pmem::DeviceEventLoop;
 use crate::stats::{KvmCounters, StatsFile};
 use crate::vcpu::{self, VcpuContext};
-
-/// Where KVM puts the three pages of its real-mode TSS: just below the BIOS.
-const KVM_TSS_ADDR: usize = 0xfffb_d000;
+use crate::vstate::{open_kvm, IrqLine};
 const SERIAL_PORT: u64 = 0x3f8;
 const I8042_PORT: u64 = 0x60;
 
@@ -50,91 +47,6 @@ pub struct VmConfig {
     pub acpi: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum VmmError {
-    #[error("/dev/kvm does not exist: pmemvm needs KVM. Load kvm_intel or kvm_amd (modprobe), or enable virtualization in the firmware or nested virtualization on the host")]
-    NoKvm,
-    #[error("no permission to open /dev/kvm: run as root or add your user to the 'kvm' group (then log in again)")]
-    KvmPermission,
-    #[error("cannot open /dev/kvm: {0}")]
-    KvmOpen(kvm_ioctls::Error),
-    #[error("KVM API version {0} is not the supported version 12")]
-    KvmApi(i32),
-    #[error("this KVM lacks {0}, which pmemvm needs")]
-    KvmCap(&'static str),
-    #[error("{what} failed: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
-    #[error("--memory {got} MiB is too little: a Linux guest needs at least {min} MiB", got = .0 / MIB, min = MIN_MEMORY / MIB)]
-    TooLittleMemory(u64),
-    #[error("--memory {got} MiB is more than pmemvm supports ({max} MiB)", got = .0 / MIB, max = MAX_MEMORY / MIB)]
-    TooMuchMemory(u64),
-    #[error("--memory must be a multiple of 4 KiB")]
-    UnalignedMemory,
-    #[error("cannot allocate {size} MiB of guest memory: {detail}", size = .size / MIB)]
-    GuestMemory { size: u64, detail: String },
-    #[error(transparent)]
-    Boot(#[from] BootError),
-    #[error(transparent)]
-    Cmdline(#[from] CmdlineError),
-    #[error(transparent)]
-    Cpu(#[from] CpuError),
-    #[error(transparent)]
-    Acpi(#[from] acpi::AcpiError),
-    #[error(transparent)]
-    MpTable(#[from] MpTableError),
-    #[error("device layout: {0}")]
-    Bus(#[from] BusError),
-    #[error("{what}: {source}")]
-    Io {
-        what: &'static str,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Pmem(#[from] AttachError),
-    #[error("--stats {path}: {source}")]
-    Stats {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("the guest stopped: {0}")]
-    GuestFault(String),
-}
-
-fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
-    move |source| VmmError::Kvm { what, source }
-}
-
-fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> VmmError {
-    move |source| VmmError::Io { what, source }
-}
-
-pub(crate) fn open_kvm() -> Result<Kvm, VmmError> {
-    let kvm = Kvm::new().map_err(|e| match e.errno() {
-        libc::ENOENT | libc::ENXIO | libc::ENODEV => VmmError::NoKvm,
-        libc::EACCES | libc::EPERM => VmmError::KvmPermission,
-        _ => VmmError::KvmOpen(e),
-    })?;
-    let api = kvm.get_api_version();
-    if api != 12 {
-        return Err(VmmError::KvmApi(api));
-    }
-    for (cap, name) in [
-        (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
-        (Cap::Pit2, "an in-kernel PIT (KVM_CAP_PIT2)"),
-        (Cap::UserMemory, "user memory regions (KVM_CAP_USER_MEMORY)"),
-        (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
-        (Cap::Ioeventfd, "ioeventfd (KVM_CAP_IOEVENTFD)"),
-    ] {
-        if !kvm.check_extension(cap) {
-            return Err(VmmError::KvmCap(name));
-        }
-    }
-    Ok(kvm)
-}
-
 fn check_memory(size: u64) -> Result<(), VmmError> {
     if size < MIN_MEMORY {
         return Err(VmmError::TooLittleMemory(size));
@@ -146,54 +58,6 @@ fn check_memory(size: u64) -> Result<(), VmmError> {
         return Err(VmmError::UnalignedMemory);
     }
     Ok(())
-}
-
-/// An interrupt line backed by an irqfd on a GSI of the in-kernel IOAPIC.
-pub(crate) struct IrqLine(EventFd);
-
-impl IrqLine {
-    pub(crate) fn register(vm: &VmFd, gsi: u32) -> Result<Arc<Self>, VmmError> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-            .map_err(io_err("creating an irqfd"))?;
-        vm.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
-        Ok(Arc::new(Self(evt)))
-    }
-}
-
-impl Interrupt for IrqLine {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
-    }
-}
-
-pub(crate) fn create_guest_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmmError> {
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
-        .into_iter()
-        .map(|(start, len)| (GuestAddress(start), len as usize))
-        .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::GuestMemory {
-        size,
-        detail: e.to_string(),
-    })?;
-    for (slot, region) in mem.iter().enumerate() {
-        let host =
-            mem.get_host_address(region.start_addr())
-                .map_err(|e| VmmError::GuestMemory {
-                    size,
-                    detail: e.to_string(),
-                })?;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the region is a live mapping of `memory_size` bytes owned
-        // by `mem`, which outlives the VM: run() keeps it until the end.
-        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-    }
-    Ok(mem)
 }
 
 /// Copies stdin to the serial console until EOF.
@@ -248,27 +112,16 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
             log::warn!("--acpi: KVM has no TSC-deadline timer; the guest may find no timer");
         }
     }
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_ADDR)
-        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    let mem = create_guest_memory(&vm, config.memory)?;
-    let mut mmio = Bus::new();
-    let pmem = pmem::attach(
-        &kvm,
-        &vm,
-        &mem,
-        &mut mmio,
-        config.memory,
-        mem.num_regions() as u32,
-        &config.pmem,
+    let mut machine = Machine::build(
+        kvm,
+        &MachineConfig {
+            memory: config.memory,
+            pit: true,
+            pmem: &config.pmem,
+        },
     )?;
+    let mem = machine.mem.clone();
+    let pmem = machine.pmem.clone();
     let specs: Vec<MmioDeviceSpec> = pmem.devices.iter().map(|d| d.spec()).collect();
 
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
@@ -318,7 +171,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     boot::write_boot_data(&mem, &params, &line.line)?;
 
     let exit = Arc::new(ExitSignal::new().map_err(io_err("creating the exit eventfd"))?);
-    let serial_irq = IrqLine::register(&vm, layout::SERIAL_IRQ)?;
+    let serial_irq = IrqLine::register(&machine.vm, layout::SERIAL_IRQ)?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(
         serial_irq,
         Box::new(std::io::stdout()) as Box<dyn Write + Send>,
@@ -339,25 +192,14 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
 
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for id in 0..config.vcpus {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let fd = machine.create_vcpu(id)?;
         cpu::configure_vcpu(&fd, id, config.vcpus, &cpuid, kernel.entry)?;
-        if let Some(log) = &pmem.dirty_log {
-            log.add_vcpu(id, &fd).map_err(AttachError::from)?;
-        }
         vcpus.push(fd);
     }
-    let kvm_counters = stats.as_ref().and_then(|_| KvmCounters::open(&vm, &vcpus));
-    let ctx = Arc::new(VcpuContext {
-        pio,
-        mmio,
-        mem: mem.clone(),
-        dirty_log: pmem.dirty_log.clone(),
-        truncation_guards: pmem.guards.clone(),
-        exit: exit.clone(),
-        stop: Default::default(),
-    });
+    let kvm_counters = stats
+        .as_ref()
+        .and_then(|_| KvmCounters::open(&machine.vm, &vcpus));
+    let ctx = machine.vcpu_context(pio, exit.clone());
     let events = DeviceEventLoop::start(&pmem).map_err(io_err("starting the device event loop"))?;
     vcpu::install_kick_handler().map_err(io_err("installing the vCPU kick signal handler"))?;
     let mut threads = Vec::new();
@@ -408,6 +250,7 @@ fn stop_vcpus(ctx: &VcpuContext, threads: Vec<std::thread::JoinHandle<()>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::MIB;
 
     #[test]
     fn memory_limits() {

@@ -1,15 +1,24 @@
-//! The `kernel` engine's flush: KVM populates the guest's pages from the
-//! MAP_SHARED file and its dirty log reports first writes; a flush
+//! The `kernel` engine: KVM populates the guest's pages from the
+//! MAP_SHARED file itself, and its dirty log reports first writes; a flush
 //! harvests that log and writes back the dirty runs of the file.
+//! `engine=prefault` is this engine with the region populated before boot.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use devices::virtio::pmem::{Writeback, WritebackReport};
+use devices::bus::BusDevice;
+use devices::ratelimit::LogLimiter;
+use devices::virtio::pmem::{PmemBacking, Writeback, WritebackReport};
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 
-use super::{dirty_log, uffd, write_back, DirtySet, PageTracker, Run};
+use super::dirty_log::DirtyLog;
+use super::engine::{FaultEngine, Memslot};
+use super::write_through::PmemWriteThrough;
+use super::{dirty_log, uffd, write_back, DirtySet, PageTracker, Run, TruncationGuard};
+use crate::host::HostKind;
 
 /// Starts writeback of a run of the page cache of a MAP_SHARED file. The
 /// fdatasync that follows waits for it and flushes the device cache.
@@ -134,6 +143,228 @@ impl Writeback for DirtyLogWriteback {
             }
         }
     }
+}
+
+/// The kernel engine of one device.
+pub struct KernelEngine {
+    name: &'static str,
+    tracker: Arc<PageTracker>,
+    guard: Arc<TruncationGuard>,
+    /// KVM's dirty log, when the guest's writes can reach the file.
+    log: Option<Arc<DirtyLog>>,
+    /// A dup of the backing file, for the flush and emulated stores.
+    file: File,
+    path: String,
+    /// The file's mapping (the memslot's host address); owned by the device.
+    host: usize,
+    size: u64,
+    readonly: bool,
+    /// The file system was full when last looked at.
+    full: AtomicBool,
+}
+
+static GUARD_FAILED: LogLimiter = LogLimiter::new(4, 100_000);
+
+impl KernelEngine {
+    /// Whether the guest's writes to `backing` reach the file, so that
+    /// they are tracked in KVM's dirty log.
+    pub fn tracks_writes(backing: &PmemBacking) -> bool {
+        !backing.readonly() && !backing.discard_writes()
+    }
+
+    /// The engine on `backing`'s mapping, which must outlive it; `log` is
+    /// the VM's dirty log if [`Self::tracks_writes`], and `slot` the
+    /// region's memslot. `prefault` populates the whole region first.
+    pub fn start(
+        name: &str,
+        backing: &PmemBacking,
+        slot: u32,
+        log: Option<&Arc<DirtyLog>>,
+        prefault: bool,
+        tracker: Arc<PageTracker>,
+    ) -> io::Result<Self> {
+        let path = backing.path().display().to_string();
+        if prefault {
+            populate(backing)?;
+        }
+        let log = log.filter(|_| Self::tracks_writes(backing)).cloned();
+        if let Some(log) = &log {
+            warn_reads_logged(name, &path, backing.file());
+            log.track(slot, backing.size(), tracker.clone());
+        }
+        let guard = Arc::new(TruncationGuard::new(
+            backing.file().try_clone()?,
+            path.clone(),
+            backing.host_addr(),
+            backing.size(),
+            backing.readonly(),
+            tracker.clone(),
+        ));
+        Ok(Self {
+            name: if prefault { "prefault" } else { "kernel" },
+            tracker,
+            guard,
+            log,
+            file: backing.file().try_clone()?,
+            path,
+            host: backing.host_addr() as usize,
+            size: backing.size(),
+            readonly: backing.readonly(),
+            full: AtomicBool::new(false),
+        })
+    }
+}
+
+impl FaultEngine for KernelEngine {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn tracker(&self) -> &Arc<PageTracker> {
+        &self.tracker
+    }
+
+    fn memslot(&self) -> Memslot {
+        let mut flags = 0;
+        if self.readonly {
+            flags |= KVM_MEM_READONLY;
+        }
+        if self.log.is_some() {
+            flags |= KVM_MEM_LOG_DIRTY_PAGES;
+        }
+        Memslot {
+            host: self.host as u64,
+            flags,
+        }
+    }
+
+    fn writeback(&self) -> io::Result<Box<dyn Writeback>> {
+        Ok(match &self.log {
+            Some(log) => Box::new(DirtyLogWriteback {
+                shared: self.tracker.clone(),
+                log: log.clone(),
+                runs: Some(MappedRuns::new(
+                    self.file.try_clone()?,
+                    self.host as *mut u8,
+                    self.size,
+                )),
+            }),
+            // Read-only, or a private mapping: nothing reaches the file.
+            None => Box::new(NothingToWrite),
+        })
+    }
+
+    fn emulated_access(&self) -> io::Result<Option<Arc<Mutex<dyn BusDevice>>>> {
+        if self.log.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(Mutex::new(PmemWriteThrough::new(
+            self.file.try_clone()?,
+            self.path.clone(),
+            self.size,
+            self.tracker.clone(),
+            Some(self.guard.clone()),
+        )))))
+    }
+
+    /// A file that another program shrank is overlaid with anonymous
+    /// memory past its new end, so the vCPU can go on at once.
+    fn host_fault(&self) -> bool {
+        match self.guard.check() {
+            Ok(patched) => patched,
+            Err(e) => {
+                if GUARD_FAILED.allow() {
+                    log::error!("checking a pmem file for truncation failed: {e}");
+                }
+                false
+            }
+        }
+    }
+
+    /// On hosts with EPT/NPT the vCPU that touches a page past a shrunk
+    /// file's end may never return to pmemvm: while the guest has
+    /// interrupts on, KVM retries the fault through its async page-fault
+    /// worker and halts the vCPU instead of failing KVM_RUN. So the device
+    /// thread looks too, and says when the file system fills or frees up.
+    fn watch(&self) {
+        self.host_fault();
+        let now_full = self.guard.file_system_full().unwrap_or(false);
+        if now_full != self.full.swap(now_full, Ordering::Relaxed) {
+            if now_full {
+                log::warn!(
+                    "{}: its file system is full; guest writes that need new blocks wait until space returns",
+                    self.path
+                );
+            } else {
+                log::info!("{}: its file system has space again", self.path);
+            }
+        }
+    }
+}
+
+/// The flush of a device whose writes never reach its file.
+struct NothingToWrite;
+
+impl Writeback for NothingToWrite {
+    fn writeback(&mut self) -> io::Result<WritebackReport> {
+        Ok(WritebackReport::default())
+    }
+}
+
+/// tmpfs and hugetlbfs map shared pages writable on a read fault (they
+/// need no write notification). On a host with EPT/NPT, KVM then maps the
+/// page writable for the guest's read and its dirty log counts it: the
+/// kernel engine writes each page the guest reads back once, unchanged.
+fn warn_reads_logged(name: &str, path: &str, file: &File) {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    if HostKind::detect() != HostKind::Hardware {
+        return;
+    }
+    // SAFETY: fstatfs fills the struct we own; the fd is valid.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return;
+    }
+    let fs = match st.f_type {
+        TMPFS_MAGIC => "tmpfs",
+        HUGETLBFS_MAGIC => "hugetlbfs",
+        _ => return,
+    };
+    log::warn!(
+        "{name}: {path} is on {fs}, which maps pages writable on reads: KVM then logs every page the guest reads as dirty, and the kernel engine writes it back once, unchanged (a file on ext4 or xfs, or engine=uffd, avoids it)"
+    );
+}
+
+/// `engine=prefault`: populates the whole mapping before boot, then makes
+/// it durable so that the guest's first flush does not pay for it.
+fn populate(backing: &PmemBacking) -> io::Result<()> {
+    // MADV_POPULATE_READ/WRITE (Linux 5.14), from include/uapi/asm-generic/mman-common.h.
+    const MADV_POPULATE_READ: libc::c_int = 22;
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    let advice = if backing.readonly() {
+        MADV_POPULATE_READ
+    } else {
+        MADV_POPULATE_WRITE
+    };
+    let started = std::time::Instant::now();
+    // SAFETY: advice on the backing's own live mapping; no memory is
+    // handed over.
+    let rc = unsafe { libc::madvise(backing.host_addr().cast(), backing.size() as usize, advice) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if !backing.readonly() && !backing.discard_writes() {
+        backing.file().sync_data()?;
+    }
+    log::info!(
+        "pmem {}: prefaulted {} MiB in {:?}",
+        backing.path().display(),
+        backing.size() >> 20,
+        started.elapsed()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

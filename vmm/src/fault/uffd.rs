@@ -1313,9 +1313,9 @@ impl UffdEngine {
     }
 
     /// The flush of this device.
-    pub fn writeback(self: &Arc<Self>) -> Box<dyn Writeback> {
+    pub fn writeback(&self) -> Box<dyn Writeback> {
         Box::new(UffdWriteback {
-            engine: self.clone(),
+            mirror: self.mirror.clone(),
         })
     }
 }
@@ -1374,12 +1374,12 @@ fn protect_spans(states: &PageStates, set: &DirtySet, pages: u64) -> Vec<(u64, u
 /// The flush of the uffd engine: re-arm the catch on the dirty pages, then
 /// copy them from the mirror to the file.
 pub struct UffdWriteback {
-    engine: Arc<UffdEngine>,
+    mirror: Arc<Mirror>,
 }
 
 impl Writeback for UffdWriteback {
     fn writeback(&mut self) -> io::Result<WritebackReport> {
-        let m = &self.engine.mirror;
+        let m = &self.mirror;
         if m.readonly {
             m.shared.metrics.record_flush(0, 0);
             return Ok(WritebackReport {
@@ -1438,6 +1438,32 @@ impl Writeback for UffdWriteback {
             });
         }
         write_back(&m.shared, &m.file, set, |run| m.write_run(run))
+    }
+}
+
+impl super::engine::FaultEngine for UffdEngine {
+    fn name(&self) -> &'static str {
+        "uffd"
+    }
+
+    fn tracker(&self) -> &Arc<PageTracker> {
+        &self.mirror.shared
+    }
+
+    /// The guest sees the engine's mirror, not the file's mapping.
+    fn memslot(&self) -> super::engine::Memslot {
+        super::engine::Memslot {
+            host: self.mirror.base as u64,
+            flags: if self.mirror.readonly {
+                kvm_bindings::KVM_MEM_READONLY
+            } else {
+                0
+            },
+        }
+    }
+
+    fn writeback(&self) -> io::Result<Box<dyn Writeback>> {
+        Ok(UffdEngine::writeback(self))
     }
 }
 

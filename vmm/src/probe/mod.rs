@@ -26,8 +26,8 @@ pub use bench::{
 pub use guest::{PageOrder, StepOp, StepSpec};
 pub use vm::{ProbeRun, ProbeVm, ProbeVmConfig, StepResult};
 
+use crate::error::VmmError;
 use crate::pmem::AttachError;
-use crate::vm::VmmError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {

@@ -16,8 +16,8 @@ use devices::bus::Bus;
 use devices::virtio::features::VIRTIO_F_VERSION_1;
 use devices::virtio::pmem::{FaultEngineKind, PmemConfig, PmemStats};
 use devices::virtio::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK};
-use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::guest::{
     exception_name, probe_code, vectors_offset, ProbeExitCode, ProbeHeader, StepSpec, CONTROL_EXIT,
@@ -26,14 +26,16 @@ use super::guest::{
 };
 use super::paging::*;
 use super::ProbeError;
+use crate::error::VmmError;
+use crate::exit::ExitSignal;
 use crate::fault::FaultStats;
 use crate::kvm_stats::{self, KvmStats, TraceCounter};
 use crate::layout::{self, MMIO_GAP_START};
-use crate::pmem::{self, AttachError, DeviceEventLoop, PmemSet};
-use crate::vm::{create_guest_memory, open_kvm};
+use crate::machine::{Machine, MachineConfig};
+use crate::pmem::{AttachError, DeviceEventLoop};
+use crate::vcpu::ExitHandler;
+use crate::vstate::open_kvm;
 
-/// Where KVM puts its real-mode TSS pages (as the main VM does).
-const KVM_TSS_ADDR: usize = 0xfffb_d000;
 /// What the probe routine executes: 64-bit mode, rdtsc and rdtscp to time
 /// each access, lfence and mfence (SSE2) to order them.
 const PROBE_FEATURES: &[crate::cpu::Feature] = &[
@@ -127,11 +129,12 @@ impl ProbeRun {
 /// host-side baselines can take turns.
 pub struct ProbeVm {
     engine: FaultEngineKind,
-    vm: VmFd,
+    machine: Machine,
     vcpu: VcpuFd,
     mem: GuestMemoryMmap,
-    mmio: Bus,
-    pmem: PmemSet,
+    /// pmemvm's own exit handler: the probe's control page aside, every
+    /// exit takes the path it takes under `pmemvm run`.
+    exits: ExitHandler,
     events: Option<DeviceEventLoop>,
     steps: Vec<(StepSpec, u64)>,
     vm_stats: KvmStats,
@@ -147,8 +150,6 @@ pub struct ProbeVm {
     results: Vec<StepResult>,
     /// Statistics at the end of the last step (or at the first entry).
     last: Option<Snapshot>,
-    efault_retries: u64,
-    dirty_ring_full_exits: u64,
 }
 
 /// Why the run loop returned.
@@ -254,7 +255,7 @@ impl ProbeVm {
             return Err(ProbeError::TooManySamples(samples));
         }
 
-        let kvm = open_kvm()?;
+        let kvm = open_kvm().map_err(VmmError::from)?;
         let cpuid =
             crate::cpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         crate::cpu::require_features(
@@ -263,13 +264,6 @@ impl ProbeVm {
             PROBE_FEATURES,
             "the probe guest",
         )?;
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(KVM_TSS_ADDR)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let mem = create_guest_memory(&vm, ram)?;
-        let mut mmio = Bus::new();
         let region_size = region_pages * PAGE;
         let pmem_config = PmemConfig {
             path: config.backing.clone(),
@@ -280,25 +274,25 @@ impl ProbeVm {
             populate: config.populate,
             poll_us: config.poll_us,
         };
-        let pmem = pmem::attach(
-            &kvm,
-            &vm,
-            &mem,
-            &mut mmio,
-            ram,
-            mem.num_regions() as u32,
-            std::slice::from_ref(&pmem_config),
+        let mut machine = Machine::build(
+            kvm,
+            &MachineConfig {
+                memory: ram,
+                pit: false,
+                pmem: std::slice::from_ref(&pmem_config),
+            },
         )
         .map_err(|e| match e {
-            AttachError::Engine { engine, source, .. }
+            VmmError::Pmem(AttachError::Engine { engine, source, .. })
                 if source.raw_os_error() == Some(libc::ENOSYS) =>
             {
                 ProbeError::EngineUnavailable(engine)
             }
-            e => ProbeError::Attach(e),
+            e => ProbeError::Vmm(e),
         })?;
+        let mem = machine.mem.clone();
         let region_gpa = layout::pmem_regions(ram, &[region_size])[0];
-        let mmio_gpa = pmem.devices[0].spec().base;
+        let mmio_gpa = machine.pmem.devices[0].spec().base;
 
         // Page tables and the guest's view of memory.
         write_descriptor_tables(&mem, CODE_GPA + vectors_offset() as u64)?;
@@ -363,13 +357,10 @@ impl ProbeVm {
         prefault_ram(&mem, RESULTS_GPA, results - RESULTS_GPA)?;
 
         // The vCPU, at CPL3.
-        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let vcpu = machine.create_vcpu(0)?;
         // On hardware KVM, rdtscp is #UD unless the guest's CPUID has it.
         vcpu.set_cpuid2(&crate::cpu::vcpu_cpuid(&cpuid, 0, 1))
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
-        if let Some(log) = &pmem.dirty_log {
-            log.add_vcpu(0, &vcpu).map_err(AttachError::from)?;
-        }
         let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         vcpu.set_sregs(&user_mode_sregs(sregs, tables.root()))
             .map_err(kvm_err("KVM_SET_SREGS"))?;
@@ -383,18 +374,19 @@ impl ProbeVm {
             Ok(khz) if khz > 0 => khz,
             _ => host_tsc_khz(),
         };
-        let vm_stats = KvmStats::open_vm(&vm)?;
+        let vm_stats = KvmStats::open_vm(&machine.vm)?;
         let vcpu_stats = KvmStats::open_vcpu(&vcpu)?;
 
-        activate_device(&mmio, mmio_gpa)?;
-        let events = DeviceEventLoop::start(&pmem).map_err(ProbeError::EventLoop)?;
+        activate_device(&machine.mmio, mmio_gpa)?;
+        let events = DeviceEventLoop::start(&machine.pmem).map_err(ProbeError::EventLoop)?;
+        let exit = ExitSignal::new().map_err(ProbeError::EventLoop)?;
+        let exits = ExitHandler::new(0, machine.vcpu_context(Bus::new(), Arc::new(exit)));
         Ok(Self {
             engine: config.engine,
-            vm,
+            machine,
             vcpu,
             mem,
-            mmio,
-            pmem,
+            exits,
             events,
             steps: placed,
             vm_stats,
@@ -406,8 +398,6 @@ impl ProbeVm {
             setup: None,
             results: Vec::new(),
             last: None,
-            efault_retries: 0,
-            dirty_ring_full_exits: 0,
         })
     }
 
@@ -420,11 +410,6 @@ impl ProbeVm {
             .unwrap();
     }
 
-    /// The VM fd, e.g. to read more statistics.
-    pub fn vm_fd(&self) -> &VmFd {
-        &self.vm
-    }
-
     /// Runs the probe to its end and collects every step's samples.
     pub fn run(mut self) -> Result<ProbeRun, ProbeError> {
         self.run_loop(None)?;
@@ -435,9 +420,9 @@ impl ProbeVm {
             engine: self.engine,
             tsc_khz: self.tsc_khz,
             steps: std::mem::take(&mut self.results),
-            efault_retries: self.efault_retries,
-            dirty_ring_full_exits: self.dirty_ring_full_exits,
-            dirty_log: self.pmem.dirty_log.as_ref().map(|l| l.kind()),
+            efault_retries: self.exits.host_faults(),
+            dirty_ring_full_exits: self.exits.dirty_ring_full_exits(),
+            dirty_log: self.machine.pmem.dirty_log_kind(),
             setup: self.setup.unwrap_or_default(),
         })
     }
@@ -495,7 +480,6 @@ impl ProbeVm {
             self.last = Some(self.snapshot()?);
         }
         let watchdog = Watchdog::start(self.timeout);
-        let mut backoff = Duration::from_micros(100);
         loop {
             if pause_at.is_some_and(|n| self.results.len() >= n) {
                 return Ok(LoopEnd::Paused);
@@ -507,42 +491,18 @@ impl ProbeVm {
                     state: self.describe_state(),
                 });
             }
-            let result = self.vcpu.run();
-            // EFAULT: KVM could not get the page from the host. Kernels with
-            // KVM_CAP_MEMORY_FAULT_INFO say where, which kvm-ioctls returns
-            // as an exit.
-            let host_fault = match &result {
-                Ok(VcpuExit::MemoryFault { .. }) => true,
-                Err(e) => e.errno() == libc::EFAULT,
-                Ok(_) => false,
-            };
-            if host_fault {
-                self.efault_retries += 1;
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_millis(100));
-                continue;
-            }
-            let exit = match result {
-                Ok(exit) => exit,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) => {
-                    return Err(ProbeError::Kvm {
-                        what: "KVM_RUN",
-                        source: e,
-                    })
-                }
-            };
-            backoff = Duration::from_micros(100);
             let steps = self.steps.len();
             let done = self.results.len();
-            match exit {
-                VcpuExit::MmioWrite(addr, _) if addr == CONTROL_GPA + CONTROL_STEP => {
+            // The probe's control page first; every other exit is served
+            // as under `pmemvm run`.
+            match self.vcpu.run() {
+                Ok(VcpuExit::MmioWrite(addr, _)) if addr == CONTROL_GPA + CONTROL_STEP => {
                     self.record_step()?;
                 }
-                VcpuExit::MmioWrite(addr, _) if addr == CONTROL_GPA + CONTROL_FAULT => {
+                Ok(VcpuExit::MmioWrite(addr, _)) if addr == CONTROL_GPA + CONTROL_FAULT => {
                     return Err(self.exception(done));
                 }
-                VcpuExit::MmioWrite(addr, data) if addr == CONTROL_GPA + CONTROL_EXIT => {
+                Ok(VcpuExit::MmioWrite(addr, data)) if addr == CONTROL_GPA + CONTROL_EXIT => {
                     let code = data.first().copied().unwrap_or(0xff);
                     return match ProbeExitCode::from(code) {
                         ProbeExitCode::Done if done == steps => Ok(LoopEnd::Exited),
@@ -552,38 +512,19 @@ impl ProbeVm {
                         code => Err(ProbeError::ProbeFailed { code, step: done }),
                     };
                 }
-                VcpuExit::MmioRead(addr, data) => {
-                    if !self.mmio.read(addr, data) {
-                        return Err(ProbeError::ProtocolViolation(format!(
-                            "read of unmapped MMIO {addr:#x}"
-                        )));
-                    }
-                }
-                VcpuExit::MmioWrite(addr, data) => {
-                    if !self.mmio.write(addr, data) {
-                        return Err(ProbeError::ProtocolViolation(format!(
-                            "write to unmapped MMIO {addr:#x}"
-                        )));
-                    }
-                }
-                VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
-                    self.dirty_ring_full_exits += 1;
-                    if let Some(log) = &self.pmem.dirty_log {
-                        log.harvest().map_err(ProbeError::DirtyRing)?;
-                    }
-                }
-                VcpuExit::Shutdown => {
+                Ok(VcpuExit::Shutdown) => {
                     return Err(ProbeError::TripleFault {
                         steps_done: done,
                         state: self.describe_state(),
                     })
                 }
                 other => {
-                    let what = format!("{other:?}");
-                    return Err(ProbeError::UnexpectedExit {
-                        exit: what,
-                        state: self.describe_state(),
-                    });
+                    if let Some(end) = self.exits.handle(other) {
+                        return Err(ProbeError::UnexpectedExit {
+                            exit: format!("{end:?}"),
+                            state: self.describe_state(),
+                        });
+                    }
                 }
             }
         }
@@ -600,7 +541,7 @@ impl ProbeVm {
             )));
         };
         let ticks = read_u64s(&self.mem, gpa, spec.count)?;
-        let stats = self.pmem.devices[0].stats();
+        let stats = self.machine.pmem.devices[0].stats();
         let last = self.last.as_ref().unwrap_or(&now);
         let result = StepResult {
             spec,
