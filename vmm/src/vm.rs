@@ -111,7 +111,7 @@ fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> VmmError {
     move |source| VmmError::Io { what, source }
 }
 
-pub(crate) fn open_kvm() -> Result<Kvm, VmmError> {
+pub fn open_kvm() -> Result<Kvm, VmmError> {
     let kvm = Kvm::new().map_err(|e| match e.errno() {
         libc::ENOENT | libc::ENXIO | libc::ENODEV => VmmError::NoKvm,
         libc::EACCES | libc::EPERM => VmmError::KvmPermission,
@@ -166,7 +166,7 @@ impl Interrupt for IrqLine {
     }
 }
 
-pub(crate) fn create_guest_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmmError> {
+pub fn create_guest_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmmError> {
     let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))

@@ -216,7 +216,7 @@ fn a_paused_probe_resumes_where_it_stopped() {
 /// KVM_EXIT_DIRTY_RING_FULL, the VMM harvests, and no write is lost.
 #[test]
 fn a_full_dirty_ring_loses_no_write() {
-    let pages = u64::from(crate::fault::dirty_log::RING_ENTRIES) + 512;
+    let pages = u64::from(vmm::fault::dirty_log::RING_ENTRIES) + 512;
     let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
     require_kvm();
     let backing = dir.create_file(pages * 4096).unwrap();
@@ -238,7 +238,7 @@ fn a_full_dirty_ring_loses_no_write() {
         Some("dirty ring") => assert!(
             run.dirty_ring_full_exits >= 1,
             "{pages} first writes into a {}-entry ring, and no ring-full exit",
-            crate::fault::dirty_log::RING_ENTRIES
+            vmm::fault::dirty_log::RING_ENTRIES
         ),
         other => {
             assert!(

@@ -140,6 +140,7 @@ impl<'a> PageTableBuilder<'a> {
     }
 
     /// Bytes of table pages used so far.
+    #[cfg(test)]
     pub fn used(&self) -> u64 {
         self.next_table - self.start
     }
@@ -219,7 +220,8 @@ impl<'a> PageTableBuilder<'a> {
     }
 }
 
-/// Walks the page tables like the CPU would; for tests and diagnostics.
+/// Walks the page tables like the CPU would; for tests.
+#[cfg(test)]
 pub fn translate(mem: &GuestMemoryMmap, cr3: u64, gva: u64) -> Option<(u64, u64)> {
     let mut table = cr3;
     for shift in [39u32, 30, 21] {

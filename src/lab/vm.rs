@@ -1,5 +1,5 @@
 //! The probe VM: a small KVM guest with one vCPU, no kernel, and one
-//! virtio-pmem device attached with [`crate::pmem::attach`]. The VMM lays
+//! virtio-pmem device attached with [`vmm::pmem::attach`]. The VMM lays
 //! out page tables, the probe code, its parameters and a virtqueue, drives
 //! the device's virtio-mmio registers itself (as a driver would) so that
 //! the device is live before the vCPU starts, and starts the vCPU at CPL3
@@ -26,21 +26,21 @@ use super::guest::{
 };
 use super::paging::*;
 use super::ProbeError;
-use crate::fault::FaultStats;
-use crate::kvm_stats::{self, KvmStats, TraceCounter};
-use crate::layout::{self, MMIO_GAP_START};
-use crate::pmem::{self, AttachError, DeviceEventLoop, PmemSet};
-use crate::vm::{create_guest_memory, open_kvm};
+use vmm::fault::FaultStats;
+use vmm::kvm_stats::{self, KvmStats, TraceCounter};
+use vmm::layout::{self, MMIO_GAP_START};
+use vmm::pmem::{self, AttachError, DeviceEventLoop, PmemSet};
+use vmm::{create_guest_memory, open_kvm};
 
 /// Where KVM puts its real-mode TSS pages (as the main VM does).
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 /// What the probe routine executes: 64-bit mode, rdtsc and rdtscp to time
 /// each access, lfence and mfence (SSE2) to order them.
-const PROBE_FEATURES: &[crate::cpu::Feature] = &[
-    crate::cpu::LM,
-    crate::cpu::TSC,
-    crate::cpu::RDTSCP,
-    crate::cpu::SSE2,
+const PROBE_FEATURES: &[vmm::cpu::Feature] = &[
+    vmm::cpu::LM,
+    vmm::cpu::TSC,
+    vmm::cpu::RDTSCP,
+    vmm::cpu::SSE2,
 ];
 /// Entries of the probe's request queue.
 pub const PROBE_QUEUE_SIZE: u16 = 16;
@@ -110,16 +110,11 @@ pub struct ProbeRun {
     /// Exits because the dirty ring filled up.
     pub dirty_ring_full_exits: u64,
     /// How the engine tracked writes: "dirty ring", "dirty bitmap ...", or
-    /// None where KVM tracks nothing (uffd).
+    /// None where KVM tracks nothing (uffd). Only the tests read it.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub dirty_log: Option<&'static str>,
     /// From creating the VM to the vCPU's first entry.
     pub setup: Duration,
-}
-
-impl ProbeRun {
-    pub fn ticks_to_ns(&self, ticks: u64) -> f64 {
-        ticks as f64 * 1e6 / f64::from(self.tsc_khz)
-    }
 }
 
 /// A probe VM ready to run its program, all at once ([`ProbeVm::run`]) or
@@ -127,7 +122,8 @@ impl ProbeRun {
 /// host-side baselines can take turns.
 pub struct ProbeVm {
     engine: FaultEngineKind,
-    vm: VmFd,
+    /// Held for the probe's lifetime; nothing reads it.
+    _vm: VmFd,
     vcpu: VcpuFd,
     mem: GuestMemoryMmap,
     mmio: Bus,
@@ -255,11 +251,10 @@ impl ProbeVm {
         }
 
         let kvm = open_kvm()?;
-        let cpuid =
-            crate::cpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        crate::cpu::require_features(
+        let cpuid = vmm::cpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        vmm::cpu::require_features(
             &cpuid,
-            crate::host::HostKind::detect(),
+            vmm::host::HostKind::detect(),
             PROBE_FEATURES,
             "the probe guest",
         )?;
@@ -365,7 +360,7 @@ impl ProbeVm {
         // The vCPU, at CPL3.
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         // On hardware KVM, rdtscp is #UD unless the guest's CPUID has it.
-        vcpu.set_cpuid2(&crate::cpu::vcpu_cpuid(&cpuid, 0, 1))
+        vcpu.set_cpuid2(&vmm::cpu::vcpu_cpuid(&cpuid, 0, 1))
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
         if let Some(log) = &pmem.dirty_log {
             log.add_vcpu(0, &vcpu).map_err(AttachError::from)?;
@@ -390,7 +385,7 @@ impl ProbeVm {
         let events = DeviceEventLoop::start(&pmem).map_err(ProbeError::EventLoop)?;
         Ok(Self {
             engine: config.engine,
-            vm,
+            _vm: vm,
             vcpu,
             mem,
             mmio,
@@ -418,11 +413,6 @@ impl ProbeVm {
         self.mem
             .write_slice(bytes, GuestAddress(CODE_GPA + offset))
             .unwrap();
-    }
-
-    /// The VM fd, e.g. to read more statistics.
-    pub fn vm_fd(&self) -> &VmFd {
-        &self.vm
     }
 
     /// Runs the probe to its end and collects every step's samples.
@@ -455,6 +445,7 @@ impl ProbeVm {
         Ok(&self.results[first..])
     }
 
+    #[cfg(test)]
     pub fn steps_done(&self) -> usize {
         self.results.len()
     }
@@ -479,7 +470,7 @@ impl ProbeVm {
     /// Runs the vCPU until `pause_at` steps are done (`None`: until the
     /// probe exits), with a watchdog of `timeout`.
     fn run_loop(&mut self, pause_at: Option<usize>) -> Result<LoopEnd, ProbeError> {
-        crate::vcpu::install_kick_handler().map_err(ProbeError::EventLoop)?;
+        vmm::install_kick_handler().map_err(ProbeError::EventLoop)?;
         if self.setup.is_none() {
             self.setup = Some(self.created.elapsed());
         }
