@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use devices::bus::Bus;
 use devices::virtio::features::VIRTIO_F_VERSION_1;
+use devices::virtio::mmio::reg;
 use devices::virtio::pmem::{FaultEngineKind, PmemConfig, PmemStats};
 use devices::virtio::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -50,20 +51,6 @@ const VRING_DESC_F_WRITE: u16 = 2;
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// The most steps the parameter pages hold (one slot stays the end mark).
 pub const MAX_STEPS: usize = (PARAMS_SIZE as usize - STEPS_OFFSET) / STEP_SIZE - 1;
-
-// virtio-mmio register offsets (virtio 1.2, 4.2.2).
-const MMIO_DEVICE_FEATURES: u64 = 0x010;
-const MMIO_DEVICE_FEATURES_SEL: u64 = 0x014;
-const MMIO_DRIVER_FEATURES: u64 = 0x020;
-const MMIO_DRIVER_FEATURES_SEL: u64 = 0x024;
-const MMIO_QUEUE_SEL: u64 = 0x030;
-const MMIO_QUEUE_NUM_MAX: u64 = 0x034;
-const MMIO_QUEUE_NUM: u64 = 0x038;
-const MMIO_QUEUE_READY: u64 = 0x044;
-const MMIO_STATUS: u64 = 0x070;
-const MMIO_QUEUE_DESC_LOW: u64 = 0x080;
-const MMIO_QUEUE_DRIVER_LOW: u64 = 0x090;
-const MMIO_QUEUE_DEVICE_LOW: u64 = 0x0a0;
 
 /// What the probe VM is made of.
 #[derive(Debug, Clone)]
@@ -728,44 +715,44 @@ fn activate_device(mmio: &Bus, base: u64) -> Result<(), ProbeError> {
         mmio.read(base + offset, &mut d);
         u32::from_le_bytes(d)
     };
-    write(MMIO_STATUS, 0)?;
-    write(MMIO_STATUS, ACKNOWLEDGE)?;
-    write(MMIO_STATUS, ACKNOWLEDGE | DRIVER)?;
-    write(MMIO_DEVICE_FEATURES_SEL, 1)?;
-    let high = read(MMIO_DEVICE_FEATURES);
+    write(reg::STATUS, 0)?;
+    write(reg::STATUS, ACKNOWLEDGE)?;
+    write(reg::STATUS, ACKNOWLEDGE | DRIVER)?;
+    write(reg::DEVICE_FEATURES_SEL, 1)?;
+    let high = read(reg::DEVICE_FEATURES);
     let version_1 = 1u32 << (VIRTIO_F_VERSION_1 - 32);
     if high & version_1 == 0 {
         return Err(ProbeError::Activation(
             "the device does not offer VIRTIO_F_VERSION_1".into(),
         ));
     }
-    write(MMIO_DRIVER_FEATURES_SEL, 1)?;
-    write(MMIO_DRIVER_FEATURES, version_1)?;
-    write(MMIO_DRIVER_FEATURES_SEL, 0)?;
-    write(MMIO_DRIVER_FEATURES, 0)?;
-    write(MMIO_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK)?;
-    if read(MMIO_STATUS) & FEATURES_OK == 0 {
+    write(reg::DRIVER_FEATURES_SEL, 1)?;
+    write(reg::DRIVER_FEATURES, version_1)?;
+    write(reg::DRIVER_FEATURES_SEL, 0)?;
+    write(reg::DRIVER_FEATURES, 0)?;
+    write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK)?;
+    if read(reg::STATUS) & FEATURES_OK == 0 {
         return Err(ProbeError::Activation("FEATURES_OK refused".into()));
     }
-    write(MMIO_QUEUE_SEL, 0)?;
-    let max = read(MMIO_QUEUE_NUM_MAX);
+    write(reg::QUEUE_SEL, 0)?;
+    let max = read(reg::QUEUE_NUM_MAX);
     if max < u32::from(PROBE_QUEUE_SIZE) {
         return Err(ProbeError::Activation(format!(
             "queue 0 holds {max} entries, the probe needs {PROBE_QUEUE_SIZE}"
         )));
     }
-    write(MMIO_QUEUE_NUM, u32::from(PROBE_QUEUE_SIZE))?;
+    write(reg::QUEUE_NUM, u32::from(PROBE_QUEUE_SIZE))?;
     for (low, addr) in [
-        (MMIO_QUEUE_DESC_LOW, QUEUE_DESC_GPA),
-        (MMIO_QUEUE_DRIVER_LOW, QUEUE_AVAIL_GPA),
-        (MMIO_QUEUE_DEVICE_LOW, QUEUE_USED_GPA),
+        (reg::QUEUE_DESC_LOW, QUEUE_DESC_GPA),
+        (reg::QUEUE_DRIVER_LOW, QUEUE_AVAIL_GPA),
+        (reg::QUEUE_DEVICE_LOW, QUEUE_USED_GPA),
     ] {
         write(low, addr as u32)?;
         write(low + 4, (addr >> 32) as u32)?;
     }
-    write(MMIO_QUEUE_READY, 1)?;
-    write(MMIO_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)?;
-    let status = read(MMIO_STATUS);
+    write(reg::QUEUE_READY, 1)?;
+    write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)?;
+    let status = read(reg::STATUS);
     if status & DEVICE_NEEDS_RESET != 0 || status & DRIVER_OK == 0 {
         return Err(ProbeError::Activation(format!(
             "the device did not start (status {status:#x})"
