@@ -1,5 +1,8 @@
 //! pmemvm: a small KVM VMM whose centre is a file-backed virtio-pmem device.
 
+// As in the vmm crate: no unwrap/expect outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
