@@ -51,8 +51,9 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
 # Every test on both host kinds: this machine's KVM, then the NPT host
-# (tests/npt-host.sh: e2e, engines, host_faults, the probe tests, the stock
-# kernel, a small bench faults and bench flush). Either failing fails.
+# (tests/npt-host.sh: e2e, engines, host_faults, the vmm unit tests, the
+# lab's probe tests, the stock kernel, a small bench faults and bench
+# flush). Either failing fails.
 test: guest npt-host stock-kernel lint
 	$(MAKE) test-host
 	$(MAKE) test-npt

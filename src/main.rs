@@ -1,12 +1,15 @@
 //! pmemvm: a small KVM VMM whose centre is a file-backed virtio-pmem device.
 
+// As in the vmm crate: no unwrap/expect outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use vmm::{HostQuirks, PmemConfig, VmConfig};
 
-mod report;
+mod lab;
 
 #[derive(Parser)]
 #[command(
@@ -72,7 +75,7 @@ struct BenchCommonArgs {
     poll_us: Option<u16>,
     /// The backing file: ext4 (written, synced), tmpfs or sparse.
     #[arg(long, default_value = "ext4")]
-    backing: vmm::probe::BackingKind,
+    backing: lab::BackingKind,
     /// Directory for the backing files (default: the temp dir, /dev/shm for tmpfs).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
@@ -91,10 +94,10 @@ struct BenchFaultsArgs {
         value_delimiter = ',',
         value_name = "read|write|read-write|write-flush-write"
     )]
-    op: Vec<vmm::probe::FaultOp>,
+    op: Vec<lab::FaultOp>,
     /// Page order: seq, random or stride:K.
     #[arg(long, default_value = "seq")]
-    pattern: vmm::probe::PagePattern,
+    pattern: lab::PagePattern,
     /// Pages per op and run.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=262144))]
     pages: u64,
@@ -119,7 +122,7 @@ struct BenchFlushArgs {
         default_value = "contiguous",
         value_name = "contiguous|scattered"
     )]
-    layout: vmm::probe::FlushLayout,
+    layout: lab::FlushLayout,
     /// The pmem region: bytes or K/M/G, a multiple of 2 MiB (default: the
     /// least the dirty counts and layout need, at least 16 MiB).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -191,19 +194,19 @@ fn bench(what: BenchCommand) -> ExitCode {
     }
 }
 
-fn run_bench(what: BenchCommand) -> Result<(), vmm::probe::ProbeError> {
+fn run_bench(what: BenchCommand) -> Result<(), lab::ProbeError> {
     let (table, json) = match what {
         BenchCommand::Faults(a) => {
-            let report = vmm::probe::run_faults(&vmm::probe::FaultBenchConfig {
+            let report = lab::run_faults(&lab::FaultBenchConfig {
                 engines: a.common.engine,
                 ops: if a.op.is_empty() {
-                    vmm::probe::FaultOp::ALL.to_vec()
+                    lab::FaultOp::ALL.to_vec()
                 } else {
                     a.op
                 },
                 pattern: a.pattern,
                 pages: a.pages,
-                uffd: vmm::probe::UffdOptions {
+                uffd: lab::UffdOptions {
                     populate: a.common.populate,
                     poll_us: a.common.poll_us,
                 },
@@ -219,12 +222,12 @@ fn run_bench(what: BenchCommand) -> Result<(), vmm::probe::ProbeError> {
             (report.table(), a.common.json)
         }
         BenchCommand::Flush(a) => {
-            let report = vmm::probe::run_flush(&vmm::probe::FlushBenchConfig {
+            let report = lab::run_flush(&lab::FlushBenchConfig {
                 engines: a.common.engine,
                 dirty: a.dirty,
                 layout: a.layout,
                 region: a.region,
-                uffd: vmm::probe::UffdOptions {
+                uffd: lab::UffdOptions {
                     populate: a.common.populate,
                     poll_us: a.common.poll_us,
                 },
@@ -248,7 +251,7 @@ fn run_bench(what: BenchCommand) -> Result<(), vmm::probe::ProbeError> {
 
 /// Prints a bench JSON's summary and draws it if asked.
 fn report(a: &ReportArgs) -> ExitCode {
-    match report::run(&a.json, a.svg.as_deref()) {
+    match lab::report::run(&a.json, a.svg.as_deref()) {
         Ok(summary) => {
             print!("{summary}");
             ExitCode::SUCCESS

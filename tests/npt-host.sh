@@ -30,7 +30,7 @@ bin() {
 # the NPT-host issue; the reproduction is in README.md ("The NPT host").
 serial=(--test-threads=1)
 
-suites=(e2e engines host_faults probe stock_kernel bench_faults bench_flush)
+suites=(e2e engines host_faults unit probe stock_kernel bench_faults bench_flush)
 [ $# -gt 0 ] && suites=("$@")
 
 # Each suite takes under a minute there when well; a stuck one is ended
@@ -42,8 +42,12 @@ failed=0
 for s in "${suites[@]}"; do
     case $s in
     e2e | engines | host_faults) cmd=("$(bin "$s")" "${serial[@]}") ;;
-    # The vmm crate's tests that boot the probe guest, and its unit tests.
-    probe) cmd=("$(bin vmm)" "${serial[@]}") ;;
+    # The vmm crate's unit tests.
+    unit) cmd=("$(bin vmm)" "${serial[@]}") ;;
+    # The pmemvm binary's unit tests: the fault-cost lab (src/lab), whose
+    # tests boot the probe guest. bin picks the test executable in deps/,
+    # not target/release/pmemvm.
+    probe) cmd=("$(bin pmemvm)" "${serial[@]}") ;;
     stock_kernel) cmd=("$(bin stock_kernel)" --nocapture) ;;
     bench_faults) cmd=("$pmemvm" bench faults --pages 256 --repeat 1) ;;
     bench_flush) cmd=("$pmemvm" bench flush --dirty 0,1,64 --repeat 3) ;;

@@ -27,11 +27,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::bus::Bus;
 use devices::size::parse_size;
-use devices::virtio::mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
+use devices::virtio::mmio::{reg, MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
 use devices::virtio::pmem::{
     FaultEngineKind, PmemBacking, PmemConfig, PmemDevice, PmemErrorKind, Writeback,
     WritebackReport, DEFAULT_POPULATE, MAX_POLL_US, MAX_POPULATE, QUEUE_SIZE,
     VIRTIO_PMEM_REQ_TYPE_FLUSH, VIRTIO_PMEM_RESP_OK,
+};
+use devices::virtio::status::{
+    ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
 };
 use devices::virtio::{VirtioDevice, VirtioInterrupt, DEVICE_ID_PMEM};
 use devices::Interrupt;
@@ -234,36 +237,6 @@ const MMIO_BASE: u64 = 0xd000_0000;
 /// addresses [`init_sequence`] uses.
 const MMIO_MEM_SIZE: u64 = 0x4000;
 
-/// virtio-mmio register offsets (virtio 1.2, 4.2.2).
-mod reg {
-    pub const MAGIC_VALUE: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const VENDOR_ID: u64 = 0x00c;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const SHM_SEL: u64 = 0x0ac;
-    pub const SHM_LEN_LOW: u64 = 0x0b0;
-    pub const SHM_BASE_HIGH: u64 = 0x0bc;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    pub const CONFIG: u64 = 0x100;
-}
-
 /// Offsets the fuzzer picks by index (besides raw offsets).
 const REGISTERS: [u64; 36] = [
     reg::MAGIC_VALUE,
@@ -331,13 +304,6 @@ const VALUES: [u64; 24] = [
     0x1_0000_0001,
     u64::MAX,
 ];
-
-const ACKNOWLEDGE: u32 = 0x01;
-const DRIVER: u32 = 0x02;
-const DRIVER_OK: u32 = 0x04;
-const FEATURES_OK: u32 = 0x08;
-const DEVICE_NEEDS_RESET: u32 = 0x40;
-const FAILED: u32 = 0x80;
 
 /// One operation of an `mmio_registers` input. The first byte picks it
 /// (`byte % 8`); `byte >> 3 & 3` picks the access width of reads and writes

@@ -40,7 +40,7 @@ const CODE_INDEX: u16 = 2;
 const DATA_INDEX: u16 = 3;
 const TSS_INDEX: u16 = 4;
 
-const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
     ((base as u64 & 0xff00_0000) << 32)
         | ((flags as u64 & 0xf0ff) << 40)
         | ((limit as u64 & 0x000f_0000) << 32)

@@ -1,10 +1,14 @@
 //! The pmemvm virtual machine monitor: KVM set-up, guest memory, boot,
 //! vCPU threads and the run loop.
+//!
+//! The modules depend on each other in one direction, from the leaves up:
+//! `vstate` (KVM, guest memory, irq lines), `fault` (the engines and the
+//! page tracker), `vcpu` (the exit handler), `pmem` (the devices and their
+//! engines), `stats`, then `machine` (the VM builder) and `vm` (the run).
 
 // Guest-controlled values must never panic the VMM: no unwrap/expect outside tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-// Modules from the leaves up: each uses only those above it.
 pub mod acpi;
 pub mod boot;
 pub mod cmdline;
@@ -18,7 +22,6 @@ pub mod layout;
 pub mod machine;
 pub mod mptable;
 pub mod pmem;
-pub mod probe;
 pub mod seccomp;
 pub mod stats;
 pub mod vcpu;

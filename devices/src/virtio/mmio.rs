@@ -24,13 +24,15 @@ use crate::Interrupt;
 pub const MMIO_SIZE: u64 = 0x1000;
 /// Offset of QueueNotify, where the VMM binds the queue ioeventfds
 /// (datamatch = queue index, 4 bytes).
-pub const NOTIFY_OFFSET: u64 = 0x50;
+pub const NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
 
 const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x4d56_4d50; // "PMVM"
 
-mod reg {
+/// The register offsets (virtio 1.2, 4.2.2), for drivers of the transport
+/// outside this crate too (the probe guest's VMM-side set-up, the fuzzer).
+pub mod reg {
     pub const MAGIC_VALUE: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;

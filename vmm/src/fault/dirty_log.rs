@@ -30,7 +30,7 @@ use crate::host::HostKind;
 /// Entries per vCPU ring: 1 MiB of ring, 256 MiB of first writes between
 /// harvests. A full ring forces a harvest, which re-protects every logged
 /// page, so a small ring makes warm writes fault again (4096 entries did).
-pub(crate) const RING_ENTRIES: u32 = 65536;
+pub const RING_ENTRIES: u32 = 65536;
 const DIRTY_GFN_F_DIRTY: u32 = 1;
 const DIRTY_GFN_F_RESET: u32 = 2;
 /// _IO(KVMIO, 0xc7), from include/uapi/linux/kvm.h.

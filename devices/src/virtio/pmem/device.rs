@@ -64,7 +64,6 @@ struct Active {
 /// (as `dyn VirtioDevice`) and the event loop (as `MutEventSubscriber`).
 pub struct PmemDevice {
     backing: PmemBacking,
-    guest_start: GuestAddress,
     config: [u8; 16],
     writeback: Box<dyn Writeback>,
     queue_events: [EventFd; 1],
@@ -110,7 +109,6 @@ impl PmemDevice {
         Ok(Self {
             metrics: Arc::new(PmemMetrics::new(path, size)),
             backing,
-            guest_start,
             config,
             writeback,
             queue_events: [queue_event],
@@ -121,11 +119,6 @@ impl PmemDevice {
 
     pub fn backing(&self) -> &PmemBacking {
         &self.backing
-    }
-
-    /// Guest-physical address of the pmem region.
-    pub fn guest_start(&self) -> GuestAddress {
-        self.guest_start
     }
 
     /// Counters; readable from any thread without locking the device (which

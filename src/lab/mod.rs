@@ -3,31 +3,33 @@
 //! flushes cost with each fault engine.
 //!
 //! - [`vm::ProbeVm`]: one vCPU at CPL3 in 64-bit mode, page tables built by
-//!   the VMM, one pmem device attached with [`crate::pmem::attach`] and
+//!   the VMM, one pmem device attached with [`vmm::pmem::attach`] and
 //!   activated by the VMM through its virtio-mmio registers.
 //! - [`guest`]: the probe routine (global_asm!) and its parameter block.
 //! - [`bench`]: `pmemvm bench faults` and `pmemvm bench flush`.
+//! - [`report`]: `pmemvm report`, the summary and SVG of a bench's JSON.
+//!
+//! The lab uses only the `vmm` crate's public API.
 
 pub mod backing;
 pub mod bench;
 pub mod guest;
 pub mod host_flush;
 pub mod paging;
+pub mod report;
 pub mod vm;
 
 use std::time::Duration;
 
-pub use crate::kvm_stats::{KvmStats, KvmStatsError};
 pub use backing::BackingKind;
 pub use bench::{
-    run_faults, run_flush, FaultBenchConfig, FaultBenchReport, FaultOp, FlushBenchConfig,
-    FlushBenchReport, FlushLayout, PagePattern, UffdOptions,
+    run_faults, run_flush, FaultBenchConfig, FaultOp, FlushBenchConfig, FlushLayout, PagePattern,
+    UffdOptions,
 };
-pub use guest::{PageOrder, StepOp, StepSpec};
-pub use vm::{ProbeRun, ProbeVm, ProbeVmConfig, StepResult};
 
-use crate::error::VmmError;
-use crate::pmem::AttachError;
+use vmm::kvm_stats::KvmStatsError;
+use vmm::pmem::AttachError;
+use vmm::VmmError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -66,8 +68,6 @@ pub enum ProbeError {
     Activation(String),
     #[error("the device event loop: {0}")]
     EventLoop(std::io::Error),
-    #[error("draining the KVM dirty ring: {0}")]
-    DirtyRing(std::io::Error),
     #[error(
         "the probe guest triple-faulted (KVM_EXIT_SHUTDOWN) after {steps_done} steps: {state}"
     )]
@@ -85,7 +85,7 @@ pub enum ProbeError {
         steps_done: usize,
     },
     #[error(transparent)]
-    Cpu(#[from] crate::cpu::CpuError),
+    Cpu(#[from] vmm::cpu::CpuError),
     #[error("the probe guest made an unexpected exit {exit}: {state}")]
     UnexpectedExit { exit: String, state: String },
     #[error("the probe guest broke the protocol: {0}")]

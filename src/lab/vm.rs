@@ -1,5 +1,5 @@
 //! The probe VM: a small KVM guest with one vCPU, no kernel, and one
-//! virtio-pmem device attached with [`crate::pmem::attach`]. The VMM lays
+//! virtio-pmem device attached with [`vmm::pmem::attach`]. The VMM lays
 //! out page tables, the probe code, its parameters and a virtqueue, drives
 //! the device's virtio-mmio registers itself (as a driver would) so that
 //! the device is live before the vCPU starts, and starts the vCPU at CPL3
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use devices::bus::Bus;
 use devices::virtio::features::VIRTIO_F_VERSION_1;
+use devices::virtio::mmio::reg;
 use devices::virtio::pmem::{FaultEngineKind, PmemConfig, PmemStats};
 use devices::virtio::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -26,23 +27,23 @@ use super::guest::{
 };
 use super::paging::*;
 use super::ProbeError;
-use crate::error::VmmError;
-use crate::exit::ExitSignal;
-use crate::fault::FaultStats;
-use crate::kvm_stats::{self, KvmStats, TraceCounter};
-use crate::layout::{self, MMIO_GAP_START};
-use crate::machine::{Machine, MachineConfig};
-use crate::pmem::{AttachError, DeviceEventLoop};
-use crate::vcpu::ExitHandler;
-use crate::vstate::open_kvm;
+use vmm::error::VmmError;
+use vmm::exit::ExitSignal;
+use vmm::fault::FaultStats;
+use vmm::kvm_stats::{self, KvmStats, TraceCounter};
+use vmm::layout::{self, MMIO_GAP_START};
+use vmm::machine::{Machine, MachineConfig};
+use vmm::pmem::{AttachError, DeviceEventLoop};
+use vmm::vcpu::ExitHandler;
+use vmm::vstate::open_kvm;
 
 /// What the probe routine executes: 64-bit mode, rdtsc and rdtscp to time
 /// each access, lfence and mfence (SSE2) to order them.
-const PROBE_FEATURES: &[crate::cpu::Feature] = &[
-    crate::cpu::LM,
-    crate::cpu::TSC,
-    crate::cpu::RDTSCP,
-    crate::cpu::SSE2,
+const PROBE_FEATURES: &[vmm::cpu::Feature] = &[
+    vmm::cpu::LM,
+    vmm::cpu::TSC,
+    vmm::cpu::RDTSCP,
+    vmm::cpu::SSE2,
 ];
 /// Entries of the probe's request queue.
 pub const PROBE_QUEUE_SIZE: u16 = 16;
@@ -52,20 +53,6 @@ const VRING_DESC_F_WRITE: u16 = 2;
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// The most steps the parameter pages hold (one slot stays the end mark).
 pub const MAX_STEPS: usize = (PARAMS_SIZE as usize - STEPS_OFFSET) / STEP_SIZE - 1;
-
-// virtio-mmio register offsets (virtio 1.2, 4.2.2).
-const MMIO_DEVICE_FEATURES: u64 = 0x010;
-const MMIO_DEVICE_FEATURES_SEL: u64 = 0x014;
-const MMIO_DRIVER_FEATURES: u64 = 0x020;
-const MMIO_DRIVER_FEATURES_SEL: u64 = 0x024;
-const MMIO_QUEUE_SEL: u64 = 0x030;
-const MMIO_QUEUE_NUM_MAX: u64 = 0x034;
-const MMIO_QUEUE_NUM: u64 = 0x038;
-const MMIO_QUEUE_READY: u64 = 0x044;
-const MMIO_STATUS: u64 = 0x070;
-const MMIO_QUEUE_DESC_LOW: u64 = 0x080;
-const MMIO_QUEUE_DRIVER_LOW: u64 = 0x090;
-const MMIO_QUEUE_DEVICE_LOW: u64 = 0x0a0;
 
 /// What the probe VM is made of.
 #[derive(Debug, Clone)]
@@ -112,16 +99,11 @@ pub struct ProbeRun {
     /// Exits because the dirty ring filled up.
     pub dirty_ring_full_exits: u64,
     /// How the engine tracked writes: "dirty ring", "dirty bitmap ...", or
-    /// None where KVM tracks nothing (uffd).
+    /// None where KVM tracks nothing (uffd). Only the tests read it.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub dirty_log: Option<&'static str>,
     /// From creating the VM to the vCPU's first entry.
     pub setup: Duration,
-}
-
-impl ProbeRun {
-    pub fn ticks_to_ns(&self, ticks: u64) -> f64 {
-        ticks as f64 * 1e6 / f64::from(self.tsc_khz)
-    }
 }
 
 /// A probe VM ready to run its program, all at once ([`ProbeVm::run`]) or
@@ -256,11 +238,10 @@ impl ProbeVm {
         }
 
         let kvm = open_kvm().map_err(VmmError::from)?;
-        let cpuid =
-            crate::cpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        crate::cpu::require_features(
+        let cpuid = vmm::cpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        vmm::cpu::require_features(
             &cpuid,
-            crate::host::HostKind::detect(),
+            vmm::host::HostKind::detect(),
             PROBE_FEATURES,
             "the probe guest",
         )?;
@@ -359,7 +340,7 @@ impl ProbeVm {
         // The vCPU, at CPL3.
         let vcpu = machine.create_vcpu(0)?;
         // On hardware KVM, rdtscp is #UD unless the guest's CPUID has it.
-        vcpu.set_cpuid2(&crate::cpu::vcpu_cpuid(&cpuid, 0, 1))
+        vcpu.set_cpuid2(&vmm::cpu::vcpu_cpuid(&cpuid, 0, 1))
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
         let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         vcpu.set_sregs(&user_mode_sregs(sregs, tables.root()))
@@ -440,6 +421,7 @@ impl ProbeVm {
         Ok(&self.results[first..])
     }
 
+    #[cfg(test)]
     pub fn steps_done(&self) -> usize {
         self.results.len()
     }
@@ -464,7 +446,7 @@ impl ProbeVm {
     /// Runs the vCPU until `pause_at` steps are done (`None`: until the
     /// probe exits), with a watchdog of `timeout`.
     fn run_loop(&mut self, pause_at: Option<usize>) -> Result<LoopEnd, ProbeError> {
-        crate::vcpu::install_kick_handler().map_err(ProbeError::EventLoop)?;
+        vmm::vcpu::install_kick_handler().map_err(ProbeError::EventLoop)?;
         if self.setup.is_none() {
             self.setup = Some(self.created.elapsed());
         }
@@ -678,44 +660,44 @@ fn activate_device(mmio: &Bus, base: u64) -> Result<(), ProbeError> {
         mmio.read(base + offset, &mut d);
         u32::from_le_bytes(d)
     };
-    write(MMIO_STATUS, 0)?;
-    write(MMIO_STATUS, ACKNOWLEDGE)?;
-    write(MMIO_STATUS, ACKNOWLEDGE | DRIVER)?;
-    write(MMIO_DEVICE_FEATURES_SEL, 1)?;
-    let high = read(MMIO_DEVICE_FEATURES);
+    write(reg::STATUS, 0)?;
+    write(reg::STATUS, ACKNOWLEDGE)?;
+    write(reg::STATUS, ACKNOWLEDGE | DRIVER)?;
+    write(reg::DEVICE_FEATURES_SEL, 1)?;
+    let high = read(reg::DEVICE_FEATURES);
     let version_1 = 1u32 << (VIRTIO_F_VERSION_1 - 32);
     if high & version_1 == 0 {
         return Err(ProbeError::Activation(
             "the device does not offer VIRTIO_F_VERSION_1".into(),
         ));
     }
-    write(MMIO_DRIVER_FEATURES_SEL, 1)?;
-    write(MMIO_DRIVER_FEATURES, version_1)?;
-    write(MMIO_DRIVER_FEATURES_SEL, 0)?;
-    write(MMIO_DRIVER_FEATURES, 0)?;
-    write(MMIO_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK)?;
-    if read(MMIO_STATUS) & FEATURES_OK == 0 {
+    write(reg::DRIVER_FEATURES_SEL, 1)?;
+    write(reg::DRIVER_FEATURES, version_1)?;
+    write(reg::DRIVER_FEATURES_SEL, 0)?;
+    write(reg::DRIVER_FEATURES, 0)?;
+    write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK)?;
+    if read(reg::STATUS) & FEATURES_OK == 0 {
         return Err(ProbeError::Activation("FEATURES_OK refused".into()));
     }
-    write(MMIO_QUEUE_SEL, 0)?;
-    let max = read(MMIO_QUEUE_NUM_MAX);
+    write(reg::QUEUE_SEL, 0)?;
+    let max = read(reg::QUEUE_NUM_MAX);
     if max < u32::from(PROBE_QUEUE_SIZE) {
         return Err(ProbeError::Activation(format!(
             "queue 0 holds {max} entries, the probe needs {PROBE_QUEUE_SIZE}"
         )));
     }
-    write(MMIO_QUEUE_NUM, u32::from(PROBE_QUEUE_SIZE))?;
+    write(reg::QUEUE_NUM, u32::from(PROBE_QUEUE_SIZE))?;
     for (low, addr) in [
-        (MMIO_QUEUE_DESC_LOW, QUEUE_DESC_GPA),
-        (MMIO_QUEUE_DRIVER_LOW, QUEUE_AVAIL_GPA),
-        (MMIO_QUEUE_DEVICE_LOW, QUEUE_USED_GPA),
+        (reg::QUEUE_DESC_LOW, QUEUE_DESC_GPA),
+        (reg::QUEUE_DRIVER_LOW, QUEUE_AVAIL_GPA),
+        (reg::QUEUE_DEVICE_LOW, QUEUE_USED_GPA),
     ] {
         write(low, addr as u32)?;
         write(low + 4, (addr >> 32) as u32)?;
     }
-    write(MMIO_QUEUE_READY, 1)?;
-    write(MMIO_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)?;
-    let status = read(MMIO_STATUS);
+    write(reg::QUEUE_READY, 1)?;
+    write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)?;
+    let status = read(reg::STATUS);
     if status & DEVICE_NEEDS_RESET != 0 || status & DRIVER_OK == 0 {
         return Err(ProbeError::Activation(format!(
             "the device did not start (status {status:#x})"

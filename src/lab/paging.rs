@@ -27,6 +27,7 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 use super::guest::{VECTORS, VECTOR_STUB};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm::cpu::gdt_entry;
 
 pub const PAGE: u64 = 4096;
 pub const GDT_GPA: u64 = 0x1000;
@@ -140,6 +141,7 @@ impl<'a> PageTableBuilder<'a> {
     }
 
     /// Bytes of table pages used so far.
+    #[cfg(test)]
     pub fn used(&self) -> u64 {
         self.next_table - self.start
     }
@@ -219,7 +221,8 @@ impl<'a> PageTableBuilder<'a> {
     }
 }
 
-/// Walks the page tables like the CPU would; for tests and diagnostics.
+/// Walks the page tables like the CPU would; for tests.
+#[cfg(test)]
 pub fn translate(mem: &GuestMemoryMmap, cr3: u64, gva: u64) -> Option<(u64, u64)> {
     let mut table = cr3;
     for shift in [39u32, 30, 21] {
@@ -247,25 +250,17 @@ const GDT_TSS: usize = 8;
 const GDT_ENTRIES: usize = 10;
 const TSS_LIMIT: u32 = 0x67;
 
-/// A code or data descriptor: flags are the access byte (bits 0..8) and
-/// the G/DB/L/AVL nibble (bits 12..16), as in the descriptor's bytes 5-6.
-const fn descriptor(flags: u16, base: u32, limit: u32) -> u64 {
-    ((base as u64 & 0xff00_0000) << 32)
-        | ((flags as u64 & 0xf0ff) << 40)
-        | ((limit as u64 & 0x000f_0000) << 32)
-        | ((base as u64 & 0x00ff_ffff) << 16)
-        | (limit as u64 & 0x0000_ffff)
-}
-
-/// The probe's GDT as raw descriptors.
+/// The probe's GDT as raw descriptors, encoded by the boot GDT's
+/// [`gdt_entry`]: its flags are the access byte (bits 0..8) and the
+/// G/DB/L/AVL nibble (bits 12..16), as in the descriptor's bytes 5-6.
 pub fn gdt() -> [u64; GDT_ENTRIES] {
     let mut gdt = [0u64; GDT_ENTRIES];
-    gdt[GDT_KERNEL_CODE] = descriptor(0xa09b, 0, 0xfffff);
-    gdt[GDT_KERNEL_DATA] = descriptor(0xc093, 0, 0xfffff);
-    gdt[GDT_USER_DATA] = descriptor(0xc0f3, 0, 0xfffff);
-    gdt[GDT_USER_CODE] = descriptor(0xa0fb, 0, 0xfffff);
+    gdt[GDT_KERNEL_CODE] = gdt_entry(0xa09b, 0, 0xfffff);
+    gdt[GDT_KERNEL_DATA] = gdt_entry(0xc093, 0, 0xfffff);
+    gdt[GDT_USER_DATA] = gdt_entry(0xc0f3, 0, 0xfffff);
+    gdt[GDT_USER_CODE] = gdt_entry(0xa0fb, 0, 0xfffff);
     // 64-bit TSS descriptor: 16 bytes, type 0xb (busy), present.
-    gdt[GDT_TSS] = descriptor(0x008b, TSS_GPA as u32, TSS_LIMIT);
+    gdt[GDT_TSS] = gdt_entry(0x008b, TSS_GPA as u32, TSS_LIMIT);
     gdt[GDT_TSS + 1] = TSS_GPA >> 32;
     gdt
 }

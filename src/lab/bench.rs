@@ -36,7 +36,7 @@ use super::guest::{PageOrder, StepOp, StepSpec};
 use super::host_flush::{HostFlushFile, HostSyncMethod};
 use super::vm::{ProbeRun, ProbeVm, ProbeVmConfig, StepResult};
 use super::ProbeError;
-use crate::host::HostKind;
+use vmm::host::HostKind;
 
 /// Which accesses `bench faults` makes, each in its own window of pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -343,7 +343,7 @@ pub struct StepRecord {
     pub kvm_vcpu: BTreeMap<String, i64>,
     pub kvm_vm: BTreeMap<String, i64>,
     /// The fault engine's counters after the step.
-    pub engine_after: crate::fault::FaultStats,
+    pub engine_after: vmm::fault::FaultStats,
     pub device_after: devices::virtio::pmem::PmemStats,
 }
 
@@ -454,7 +454,7 @@ pub struct FaultBenchReport {
 
 /// KVM statistics shown in the table when KVM has them.
 const VCPU_STATS_SHOWN: [&str; 7] = [
-    crate::kvm_stats::PAGE_FAULT_STAT,
+    vmm::kvm_stats::PAGE_FAULT_STAT,
     "pf_taken",
     "pf_fixed",
     "pf_emulate",

@@ -134,7 +134,7 @@ impl Drop for HostFlushFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::backing::{BackingKind, ScratchDir};
+    use crate::lab::backing::{BackingKind, ScratchDir};
 
     #[test]
     fn every_method_syncs_dirty_pages() {

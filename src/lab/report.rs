@@ -11,12 +11,12 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use super::bench::{table, FaultEvent, LatencySummary};
 use plotters::coord::Shift;
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::Deserialize;
-use vmm::probe::bench::{table, FaultEvent, LatencySummary};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {

@@ -130,12 +130,9 @@ impl ScratchDir {
         })
     }
 
+    #[cfg(test)]
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    pub fn kind(&self) -> BackingKind {
-        self.kind
     }
 
     /// A new backing file of `size` bytes, made as the kind says.
