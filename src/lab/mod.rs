@@ -28,7 +28,6 @@ pub use bench::{
 };
 
 use vmm::kvm_stats::KvmStatsError;
-use vmm::pmem::AttachError;
 use vmm::VmmError;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +39,6 @@ pub enum ProbeError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error(transparent)]
-    Attach(#[from] AttachError),
     #[error("engine {0} is not available in this build")]
     EngineUnavailable(&'static str),
     #[error(transparent)]
