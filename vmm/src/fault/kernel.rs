@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use devices::virtio::pmem::{Writeback, WritebackReport};
 
-use super::{dirty_log, uffd, write_back, DirtySet, PageTracker, Run};
+use super::file_io::pwrite_all;
+use super::{dirty_log, write_back, DirtySet, PageTracker, Run};
 
 /// Starts writeback of a run of the page cache of a MAP_SHARED file. The
 /// fdatasync that follows waits for it and flushes the device cache.
@@ -72,7 +73,7 @@ impl MappedRuns {
         // the kernel reads it: a page it cannot provide (the file shrank)
         // fails the pwrite with EFAULT instead of raising SIGBUS here.
         unsafe {
-            uffd::pwrite_all(
+            pwrite_all(
                 &self.file,
                 (self.host as *const u8).add(run.offset() as usize),
                 run.bytes() as usize,

@@ -9,6 +9,7 @@
 //! - [`uffd`]: the VMM serves every fault through userfaultfd.
 
 pub mod dirty_log;
+pub(crate) mod file_io;
 pub mod kernel;
 pub mod metrics;
 pub mod pages;

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use devices::virtio::pmem::{Writeback, WritebackReport};
 
+use super::file_io::{pread_full, pwrite_all};
 use super::{
     write_back, Access, Backoff, DirtySet, PageState, PageStates, PageTracker, Run, Transition,
     PAGE_SIZE,
@@ -104,63 +105,6 @@ fn foreign_thread(tid: u32) -> bool {
     // SAFETY: signal 0 only checks that `tid` is a thread of our group.
     let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid as libc::pid_t, 0) };
     rc != 0 && errno() == Some(libc::ESRCH)
-}
-
-/// pread(2) until `len` bytes or end of file; returns the bytes read.
-///
-/// # Safety
-/// `dst` must be valid for writes of `len` bytes.
-unsafe fn pread_full(file: &File, dst: *mut u8, len: usize, offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < len {
-        // SAFETY: the caller guarantees dst..dst+len is writable.
-        let n = unsafe {
-            libc::pread64(
-                file.as_raw_fd(),
-                dst.add(done).cast(),
-                len - done,
-                (offset + done as u64) as libc::off64_t,
-            )
-        };
-        match n {
-            0 => break,
-            n if n > 0 => done += n as usize,
-            _ if errno() == Some(libc::EINTR) => {}
-            _ => return Err(io::Error::last_os_error()),
-        }
-    }
-    Ok(done)
-}
-
-/// pwrite(2) all of `len` bytes.
-///
-/// # Safety
-/// `src` must be valid for reads of `len` bytes.
-pub(crate) unsafe fn pwrite_all(
-    file: &File,
-    src: *const u8,
-    len: usize,
-    offset: u64,
-) -> io::Result<()> {
-    let mut done = 0;
-    while done < len {
-        // SAFETY: the caller guarantees src..src+len is readable.
-        let n = unsafe {
-            libc::pwrite64(
-                file.as_raw_fd(),
-                src.add(done).cast(),
-                len - done,
-                (offset + done as u64) as libc::off64_t,
-            )
-        };
-        match n {
-            n if n > 0 => done += n as usize,
-            0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-            _ if errno() == Some(libc::EINTR) => {}
-            _ => return Err(io::Error::last_os_error()),
-        }
-    }
-    Ok(())
 }
 
 /// How the fault servicer trades CPU for latency.
@@ -1288,68 +1232,6 @@ impl Writeback for UffdWriteback {
     }
 }
 
-/// What first-touching a region through the engine cost (for benches).
-#[derive(Debug, Clone, Copy)]
-pub struct TouchCost {
-    pub pages: u64,
-    pub faults: u64,
-    pub total: Duration,
-}
-
-impl TouchCost {
-    pub fn per_page(&self) -> Duration {
-        self.total / self.pages.max(1) as u32
-    }
-}
-
-/// Starts an engine on `file` (`size` bytes of it), touches every page once
-/// from this thread with `access`, and reports the cost. For writes the
-/// file must be writable. Measures the engine alone, without KVM.
-pub fn measure_first_touch(
-    file: File,
-    size: u64,
-    populate: u16,
-    access: Access,
-) -> io::Result<TouchCost> {
-    let shared = PageTracker::new(size);
-    let engine = UffdEngine::start(
-        "bench",
-        file,
-        size,
-        access == Access::Read,
-        false,
-        UffdTuning {
-            populate,
-            ..UffdTuning::default()
-        },
-        shared.clone(),
-    )?;
-    let base = engine.host_addr();
-    let started = Instant::now();
-    let mut sum = 0u8;
-    for page in 0..size / PAGE_SIZE {
-        // SAFETY: inside the mirror, which `engine` keeps mapped; raw
-        // volatile accesses, no references.
-        unsafe {
-            let p = base.add((page * PAGE_SIZE) as usize);
-            match access {
-                Access::Read => sum = sum.wrapping_add(p.read_volatile()),
-                Access::Write | Access::UnverifiedWrite => p.write_volatile(page as u8),
-            }
-        }
-    }
-    let total = started.elapsed();
-    std::hint::black_box(sum);
-    // The handler counts a fault before it releases the states lock.
-    drop(shared.states());
-    let s = shared.stats("uffd");
-    Ok(TouchCost {
-        pages: size / PAGE_SIZE,
-        faults: s.faults.populate_read + s.faults.populate_write + s.faults.mkwrite,
-        total,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1952,28 +1834,6 @@ mod tests {
             )
             .unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{size} {populate}");
-        }
-    }
-
-    /// `cargo test -p vmm --release -- --ignored --nocapture first_touch_cost`
-    #[test]
-    #[ignore = "measurement"]
-    fn first_touch_cost() {
-        let size = 64 * MIB;
-        let path = std::env::temp_dir().join(format!("pmemvm-uffd-cost-{}", std::process::id()));
-        let _temp = Temp(path.clone());
-        std::fs::write(&path, vec![1u8; size as usize]).unwrap();
-        for access in [Access::Read, Access::Write] {
-            for populate in [1, 16, 512] {
-                let file = File::options().read(true).write(true).open(&path).unwrap();
-                let c = measure_first_touch(file, size, populate, access).unwrap();
-                eprintln!(
-                    "{access:?} populate={populate}: {} pages, {} faults, {:?} per page",
-                    c.pages,
-                    c.faults,
-                    c.per_page()
-                );
-            }
         }
     }
 }
