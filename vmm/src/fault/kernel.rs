@@ -10,7 +10,7 @@ use std::sync::Arc;
 use devices::virtio::pmem::{Writeback, WritebackReport};
 
 use super::file_io::pwrite_all;
-use super::{dirty_log, write_back, DirtySet, PageTracker, Run};
+use super::{dirty_log, write_back, Flush, PageTracker, Run, Written};
 
 /// Starts writeback of a run of the page cache of a MAP_SHARED file. The
 /// fdatasync that follows waits for it and flushes the device cache.
@@ -85,13 +85,13 @@ impl MappedRuns {
     pub fn write_back(
         &mut self,
         shared: &PageTracker,
-        set: DirtySet,
+        flush: Flush<'_>,
     ) -> io::Result<WritebackReport> {
         let rewrite = self.rewrite;
         #[cfg(test)]
         let mut fail = std::mem::take(&mut self.fail_next);
         let this = &*self;
-        let result = write_back(shared, &this.file, set, |run| {
+        let result = write_back(shared, &this.file, flush, |run| {
             #[cfg(test)]
             if std::mem::take(&mut fail) {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
@@ -122,17 +122,16 @@ pub struct DirtyLogWriteback {
 
 impl Writeback for DirtyLogWriteback {
     fn writeback(&mut self) -> io::Result<WritebackReport> {
+        // The harvest re-arms KVM's catch; every device's lands in its own
+        // states, and the flush takes ours.
         self.log.harvest()?;
-        let set = {
-            // Every device's harvest lands in its own states; take ours.
-            self.shared.states().take_dirty()
-        };
+        let flush = self.shared.begin_flush(|_, _| Ok(()))?;
         match &mut self.runs {
-            Some(runs) => runs.write_back(&self.shared, set),
-            None => {
-                self.shared.metrics.record_flush(0, 0);
-                Ok(WritebackReport::default())
-            }
+            Some(runs) => runs.write_back(&self.shared, flush),
+            // This engine never reported a count for a discarded flush.
+            None => flush
+                .finish(Ok(Written::Discarded))
+                .map(|_| WritebackReport::default()),
         }
     }
 }
@@ -160,21 +159,21 @@ mod tests {
 
         shared.states().mark_dirty(3);
         runs.fail_next = true;
-        let set = shared.states().take_dirty();
-        let err = runs.write_back(&shared, set).unwrap_err();
+        let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
+        let err = runs.write_back(&shared, flush).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO));
         assert_eq!(shared.stats("kernel").dirty_pages, 1);
 
-        let set = shared.states().take_dirty();
-        assert_eq!(runs.write_back(&shared, set).unwrap().pages, Some(1));
+        let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
+        assert_eq!(runs.write_back(&shared, flush).unwrap().pages, Some(1));
         assert_eq!(&page3(&f), b"guest", "the retry must rewrite the page");
         assert_eq!(shared.stats("kernel").dirty_pages, 0);
 
         // After a success, back to the page cache: memory is not copied.
         mem[3 * PAGE_SIZE as usize] = b'X';
         shared.states().mark_dirty(3);
-        let set = shared.states().take_dirty();
-        runs.write_back(&shared, set).unwrap();
+        let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
+        runs.write_back(&shared, flush).unwrap();
         assert_eq!(&page3(&f), b"guest");
         std::fs::remove_file(path).unwrap();
     }

@@ -38,7 +38,7 @@ use devices::virtio::pmem::{Writeback, WritebackReport};
 use super::file_io::{pread_full, pwrite_all};
 use super::{
     write_back, Access, Backoff, DirtySet, PageState, PageStates, PageTracker, Run, Transition,
-    PAGE_SIZE,
+    Written, PAGE_SIZE,
 };
 
 /// Largest `populate`: one 2 MiB block per fault.
@@ -1171,64 +1171,54 @@ pub struct UffdWriteback {
 impl Writeback for UffdWriteback {
     fn writeback(&mut self) -> io::Result<WritebackReport> {
         let m = &self.engine.mirror;
+        let tracker = &m.shared;
         if m.readonly {
-            m.shared.metrics.record_flush(0, 0);
-            return Ok(WritebackReport {
-                pages: Some(0),
-                bytes: Some(0),
-            });
+            // Nothing is ever dirty, and the mirror has no write protection.
+            return tracker
+                .begin_flush(|_, _| Ok(()))?
+                .finish(Ok(Written::Discarded));
         }
-        let set = {
-            // Taking the set and protecting it under one lock: a mkwrite
-            // cannot lift the protection of a page this flush just cleaned.
-            let mut states = m.shared.states();
-            let set = states.take_dirty();
-            for (first, pages) in protect_spans(&states, &set, m.pages) {
-                if let Err(e) = m.protect(first, pages, true) {
-                    // Some pages may be writable yet clean: dirty them all.
-                    states.redirty(&set);
-                    return Err(io::Error::new(
+        // Taking the set and protecting it under one lock: a mkwrite cannot
+        // lift the protection of a page this flush just cleaned.
+        let mut flush = tracker.begin_flush(|states, set| {
+            for (first, pages) in protect_spans(states, set, m.pages) {
+                m.protect(first, pages, true).map_err(|e| {
+                    io::Error::new(
                         e.kind(),
                         format!(
                             "{}: write-protecting pages {first}..{} for a flush: {e}",
                             m.name,
                             first + pages
                         ),
-                    ));
-                }
+                    )
+                })?;
             }
-            set
-        };
+            Ok(())
+        })?;
         // A write from here on faults and is dirty for the next flush; one
         // before the protection is in the mirror and is copied below, or
         // seen by the comparison of the unverified pages here.
-        let mut set = set;
-        match set.drop_unchanged(|page| m.unchanged(page)) {
+        match flush.set_mut().drop_unchanged(|page| m.unchanged(page)) {
             Ok(skipped) => {
-                m.shared
+                tracker
                     .metrics
                     .unchanged_skipped
                     .fetch_add(skipped, Relaxed);
             }
             Err(e) => {
-                m.shared.states().redirty(&set);
-                return Err(io::Error::new(
+                return flush.finish(Err(io::Error::new(
                     e.kind(),
                     format!(
                         "{}: comparing an unverified page with the file: {e}",
                         m.name
                     ),
-                ));
+                )));
             }
         }
         if m.discard_writes {
-            m.shared.metrics.record_flush(0, 0);
-            return Ok(WritebackReport {
-                pages: Some(0),
-                bytes: Some(0),
-            });
+            return flush.finish(Ok(Written::Discarded));
         }
-        write_back(&m.shared, &m.file, set, |run| m.write_run(run))
+        write_back(tracker, &m.file, flush, |run| m.write_run(run))
     }
 }
 
