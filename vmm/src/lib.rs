@@ -9,6 +9,7 @@
 // Guest-controlled values must never panic the VMM: no unwrap/expect outside tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod abi;
 pub mod acpi;
 pub mod boot;
 pub mod cmdline;

@@ -25,16 +25,16 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::{PageTracker, PAGE_SIZE};
+use crate::abi::kvm::{
+    KVM_CLEAR_DIRTY_LOG, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_GET_DIRTY_LOG,
+    KVM_RESET_DIRTY_RINGS,
+};
 use crate::host::HostKind;
 
 /// Entries per vCPU ring: 1 MiB of ring, 256 MiB of first writes between
 /// harvests. A full ring forces a harvest, which re-protects every logged
 /// page, so a small ring makes warm writes fault again (4096 entries did).
 pub const RING_ENTRIES: u32 = 65536;
-const DIRTY_GFN_F_DIRTY: u32 = 1;
-const DIRTY_GFN_F_RESET: u32 = 2;
-/// _IO(KVMIO, 0xc7), from include/uapi/linux/kvm.h.
-const KVM_RESET_DIRTY_RINGS: libc::c_ulong = 0xaec7;
 
 /// A memslot whose writes are tracked, and the states they go to.
 struct TrackedSlot {
@@ -280,13 +280,13 @@ fn collect(ring: &mut Ring, slots: &[TrackedSlot]) -> u64 {
         let gfn = unsafe { ring.gfns.add(i) };
         // SAFETY: as above.
         let flags = unsafe { &*(std::ptr::addr_of_mut!((*gfn).flags) as *const AtomicU32) };
-        if flags.load(Ordering::Acquire) & DIRTY_GFN_F_DIRTY == 0 {
+        if flags.load(Ordering::Acquire) & KVM_DIRTY_GFN_F_DIRTY == 0 {
             return found;
         }
         // SAFETY: KVM published this entry (DIRTY flag seen with acquire).
         let (slot, offset) = unsafe { ((*gfn).slot, (*gfn).offset) };
         route(slots, slot & 0xffff, offset);
-        flags.store(DIRTY_GFN_F_RESET, Ordering::Release);
+        flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
         ring.fetch = ring.fetch.wrapping_add(1);
         found += 1;
     }
@@ -336,8 +336,6 @@ fn clear_dirty_log(vm: &File, slot: u32, size: u64, bitmap: &mut [u64]) -> io::R
         ..Default::default()
     };
     clear.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
-    // _IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log), include/uapi/linux/kvm.h.
-    const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xc018_aec0;
     // SAFETY: the bitmap holds one bit per page of the slot and outlives
     // the call.
     let rc = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &clear) };
@@ -382,8 +380,6 @@ fn get_dirty_log(vm: &File, slot: u32, size: u64) -> io::Result<Vec<u64>> {
         ..Default::default()
     };
     log.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
-    // _IOW(KVMIO, 0x42, struct kvm_dirty_log), from include/uapi/linux/kvm.h.
-    const KVM_GET_DIRTY_LOG: libc::c_ulong = 0x4010_ae42;
     // SAFETY: `log` points at a bitmap with one bit per page of the slot.
     let rc = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_GET_DIRTY_LOG, &log) };
     if rc < 0 {

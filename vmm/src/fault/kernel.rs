@@ -16,8 +16,11 @@ use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 
 use super::dirty_log::DirtyLog;
 use super::engine::{FaultEngine, Memslot};
+use super::file_io::pwrite_all;
 use super::write_through::PmemWriteThrough;
-use super::{dirty_log, uffd, write_back, DirtySet, PageTracker, Run, TruncationGuard};
+use super::{dirty_log, write_back, Flush, PageTracker, Run, TruncationGuard, Written};
+use crate::abi::magic::{HUGETLBFS_MAGIC, TMPFS_MAGIC};
+use crate::abi::mman::{MADV_POPULATE_READ, MADV_POPULATE_WRITE};
 use crate::host::HostKind;
 
 /// Starts writeback of a run of the page cache of a MAP_SHARED file. The
@@ -81,7 +84,7 @@ impl MappedRuns {
         // the kernel reads it: a page it cannot provide (the file shrank)
         // fails the pwrite with EFAULT instead of raising SIGBUS here.
         unsafe {
-            uffd::pwrite_all(
+            pwrite_all(
                 &self.file,
                 (self.host as *const u8).add(run.offset() as usize),
                 run.bytes() as usize,
@@ -93,13 +96,13 @@ impl MappedRuns {
     pub fn write_back(
         &mut self,
         shared: &PageTracker,
-        set: DirtySet,
+        flush: Flush<'_>,
     ) -> io::Result<WritebackReport> {
         let rewrite = self.rewrite;
         #[cfg(test)]
         let mut fail = std::mem::take(&mut self.fail_next);
         let this = &*self;
-        let result = write_back(shared, &this.file, set, |run| {
+        let result = write_back(shared, &this.file, flush, |run| {
             #[cfg(test)]
             if std::mem::take(&mut fail) {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
@@ -130,17 +133,16 @@ pub struct DirtyLogWriteback {
 
 impl Writeback for DirtyLogWriteback {
     fn writeback(&mut self) -> io::Result<WritebackReport> {
+        // The harvest re-arms KVM's catch; every device's lands in its own
+        // states, and the flush takes ours.
         self.log.harvest()?;
-        let set = {
-            // Every device's harvest lands in its own states; take ours.
-            self.shared.states().take_dirty()
-        };
+        let flush = self.shared.begin_flush(|_, _| Ok(()))?;
         match &mut self.runs {
-            Some(runs) => runs.write_back(&self.shared, set),
-            None => {
-                self.shared.metrics.record_flush(0, 0);
-                Ok(WritebackReport::default())
-            }
+            Some(runs) => runs.write_back(&self.shared, flush),
+            // This engine never reported a count for a discarded flush.
+            None => flush
+                .finish(Ok(Written::Discarded))
+                .map(|_| WritebackReport::default()),
         }
     }
 }
@@ -316,8 +318,6 @@ impl Writeback for NothingToWrite {
 /// page writable for the guest's read and its dirty log counts it: the
 /// kernel engine writes each page the guest reads back once, unchanged.
 fn warn_reads_logged(name: &str, path: &str, file: &File) {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
     if HostKind::detect() != HostKind::Hardware {
         return;
     }
@@ -340,9 +340,7 @@ fn warn_reads_logged(name: &str, path: &str, file: &File) {
 /// `engine=prefault`: populates the whole mapping before boot, then makes
 /// it durable so that the guest's first flush does not pay for it.
 fn populate(backing: &PmemBacking) -> io::Result<()> {
-    // MADV_POPULATE_READ/WRITE (Linux 5.14), from include/uapi/asm-generic/mman-common.h.
-    const MADV_POPULATE_READ: libc::c_int = 22;
-    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    // MADV_POPULATE_READ/WRITE: Linux 5.14.
     let advice = if backing.readonly() {
         MADV_POPULATE_READ
     } else {
@@ -390,21 +388,21 @@ mod tests {
 
         shared.states().mark_dirty(3);
         runs.fail_next = true;
-        let set = shared.states().take_dirty();
-        let err = runs.write_back(&shared, set).unwrap_err();
+        let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
+        let err = runs.write_back(&shared, flush).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO));
         assert_eq!(shared.stats("kernel").dirty_pages, 1);
 
-        let set = shared.states().take_dirty();
-        assert_eq!(runs.write_back(&shared, set).unwrap().pages, Some(1));
+        let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
+        assert_eq!(runs.write_back(&shared, flush).unwrap().pages, Some(1));
         assert_eq!(&page3(&f), b"guest", "the retry must rewrite the page");
         assert_eq!(shared.stats("kernel").dirty_pages, 0);
 
         // After a success, back to the page cache: memory is not copied.
         mem[3 * PAGE_SIZE as usize] = b'X';
         shared.states().mark_dirty(3);
-        let set = shared.states().take_dirty();
-        runs.write_back(&shared, set).unwrap();
+        let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
+        runs.write_back(&shared, flush).unwrap();
         assert_eq!(&page3(&f), b"guest");
         std::fs::remove_file(path).unwrap();
     }

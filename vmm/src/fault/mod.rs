@@ -10,6 +10,7 @@
 
 pub mod dirty_log;
 pub mod engine;
+pub(crate) mod file_io;
 pub mod kernel;
 pub mod metrics;
 pub mod pages;
@@ -21,7 +22,7 @@ pub mod write_through;
 pub use kernel::{DirtyLogWriteback, MappedRuns};
 pub use metrics::{FaultMetrics, FaultStats};
 pub use pages::{Access, DirtySet, PageState, PageStates, Run, Transition, PAGE_SIZE};
-pub use tracker::{write_back, BackingLost, PageTracker, MAX_RUN_PAGES};
+pub use tracker::{write_back, BackingLost, Flush, PageTracker, Written, MAX_RUN_PAGES};
 pub use truncation::TruncationGuard;
 
 /// Waits between retries of something the host may give back (disk space,

@@ -219,13 +219,6 @@ pub struct DirtySet {
 }
 
 impl DirtySet {
-    pub fn empty(pages: u64) -> Self {
-        Self {
-            bits: Bits::new(pages),
-            unverified: Bits::new(pages),
-        }
-    }
-
     /// Drops each unverified page for which `unchanged` says the data is
     /// still what the file holds; returns how many were dropped. An error
     /// keeps the page in the set.
@@ -439,7 +432,7 @@ mod tests {
         let r = set.runs(512).nth(1).unwrap();
         assert_eq!((r.offset(), r.bytes()), (63 * 4096, 3 * 4096));
         assert_eq!(set.len(), 57);
-        assert_eq!(DirtySet::empty(10).runs(8).count(), 0);
+        assert_eq!(PageStates::new(10).take_dirty().runs(8).count(), 0);
     }
 
     #[test]

@@ -90,19 +90,112 @@ impl PageTracker {
     }
 }
 
-/// One durable writeback of `set`: `write_run` for each run (at most
-/// [`MAX_RUN_PAGES`]), then fdatasync. On failure the pages are dirty again
-/// and the error goes back to the guest. The file is checked for truncation
-/// before (so nothing re-extends it) and after (a truncation racing the I/O
-/// must not be acknowledged as durable).
-pub fn write_back(
-    shared: &PageTracker,
-    file: &File,
+/// What a flush did with the pages it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Written to the file in `runs` I/Os and made durable.
+    Durable { runs: u64 },
+    /// Nothing to write (read-only, discard_writes): the pages are clean
+    /// and the flush counts 0 pages.
+    Discarded,
+}
+
+/// The pages one flush took from the dirty set. Finished with
+/// [`Flush::finish`]; one dropped unfinished (an early return) leaves its
+/// pages dirty, like a failed one.
+#[must_use = "a flush must be finished, or its pages are dirty again"]
+#[derive(Debug)]
+pub struct Flush<'a> {
+    tracker: &'a PageTracker,
     set: DirtySet,
+    finished: bool,
+}
+
+impl PageTracker {
+    /// Starts a flush: every dirty page becomes clean and is taken, and
+    /// `rearm` (the engine's catch of the next write, e.g. uffd's
+    /// write-protect) runs on them under the same lock, so that no fault
+    /// makes one of them writable in between. A write after this is dirty
+    /// for the next flush. If `rearm` fails, the pages are dirty again.
+    pub fn begin_flush(
+        &self,
+        rearm: impl FnOnce(&PageStates, &DirtySet) -> io::Result<()>,
+    ) -> io::Result<Flush<'_>> {
+        let mut states = self.states();
+        let set = states.take_dirty();
+        if let Err(e) = rearm(&states, &set) {
+            // Some pages may be writable yet clean: dirty them all.
+            states.redirty(&set);
+            return Err(e);
+        }
+        Ok(Flush {
+            tracker: self,
+            set,
+            finished: false,
+        })
+    }
+}
+
+impl Flush<'_> {
+    pub fn set(&self) -> &DirtySet {
+        &self.set
+    }
+
+    /// For dropping pages the flush need not write (unchanged ones).
+    pub fn set_mut(&mut self) -> &mut DirtySet {
+        &mut self.set
+    }
+
+    /// Ends the flush. Success counts it (the pages stay clean); failure
+    /// makes its pages dirty again, with any written since, and returns
+    /// the error for the guest.
+    pub fn finish(mut self, result: io::Result<Written>) -> io::Result<WritebackReport> {
+        self.finished = true;
+        let metrics = &self.tracker.metrics;
+        match result {
+            Ok(Written::Durable { runs }) => {
+                let pages = self.set.len();
+                metrics.record_flush(pages, runs);
+                Ok(WritebackReport {
+                    pages: Some(pages),
+                    bytes: Some(pages * PAGE_SIZE),
+                })
+            }
+            Ok(Written::Discarded) => {
+                metrics.record_flush(0, 0);
+                Ok(WritebackReport {
+                    pages: Some(0),
+                    bytes: Some(0),
+                })
+            }
+            Err(e) => {
+                self.tracker.states().redirty(&self.set);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Flush<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.tracker.states().redirty(&self.set);
+        }
+    }
+}
+
+/// One durable writeback of a flush's pages: `write_run` for each run (at
+/// most [`MAX_RUN_PAGES`]), then fdatasync. On failure the pages are dirty
+/// again and the error goes back to the guest. The file is checked for
+/// truncation before (so nothing re-extends it) and after (a truncation
+/// racing the I/O must not be acknowledged as durable).
+pub fn write_back(
+    tracker: &PageTracker,
+    file: &File,
+    flush: Flush<'_>,
     mut write_run: impl FnMut(Run) -> io::Result<()>,
 ) -> io::Result<WritebackReport> {
-    let pages = set.len();
-    let mut runs = 0;
+    let set = flush.set();
     if log::log_enabled!(log::Level::Debug) {
         let first: Vec<String> = set
             .runs(MAX_RUN_PAGES)
@@ -110,32 +203,23 @@ pub fn write_back(
             .map(|r| format!("{}+{}", r.first, r.pages))
             .collect();
         log::debug!(
-            "writeback: {pages} dirty pages, runs from {}",
+            "writeback: {} dirty pages, runs from {}",
+            set.len(),
             first.join(" ")
         );
     }
     let result = (|| {
-        shared.check_backing(file)?;
+        tracker.check_backing(file)?;
+        let mut runs = 0;
         for run in set.runs(MAX_RUN_PAGES) {
             write_run(run)?;
             runs += 1;
         }
         file.sync_data()?;
-        shared.check_backing(file)
+        tracker.check_backing(file)?;
+        Ok(Written::Durable { runs })
     })();
-    match result {
-        Ok(()) => {
-            shared.metrics.record_flush(pages, runs);
-            Ok(WritebackReport {
-                pages: Some(pages),
-                bytes: Some(pages * PAGE_SIZE),
-            })
-        }
-        Err(e) => {
-            shared.states().redirty(&set);
-            Err(e)
-        }
-    }
+    flush.finish(result)
 }
 
 /// Another program shrank the backing file under the guest: the pages past
@@ -152,7 +236,7 @@ pub fn check_not_truncated(file: &File, size: u64) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::fault::kernel::start_range_writeback;
-    use crate::fault::{temp_file, PageState};
+    use crate::fault::{temp_file, Access, PageState};
     use std::io::Write;
 
     #[test]
@@ -163,9 +247,9 @@ mod tests {
         for p in [1, 2, 3, 10] {
             shared.states().mark_dirty(p);
         }
-        let set = shared.states().take_dirty();
+        let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
         let mut seen = Vec::new();
-        let report = write_back(&shared, &f, set, |r| {
+        let report = write_back(&shared, &f, flush, |r| {
             seen.push((r.first, r.pages));
             start_range_writeback(&f, r)
         })
@@ -183,8 +267,8 @@ mod tests {
         let shared = PageTracker::new(8 * PAGE_SIZE);
         shared.states().mark_dirty(2);
         f.set_len(4 * PAGE_SIZE).unwrap();
-        let set = shared.states().take_dirty();
-        let err = write_back(&shared, &f, set, |_| Ok(())).unwrap_err();
+        let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
+        let err = write_back(&shared, &f, flush, |_| Ok(())).unwrap_err();
         assert!(err.to_string().contains("truncated"), "{err}");
         assert_eq!(shared.states().state(2), Some(PageState::Dirty));
         std::fs::remove_file(path).unwrap();
@@ -198,8 +282,8 @@ mod tests {
         let (path, f) = temp_file("wbfail", 8 * PAGE_SIZE);
         let shared = PageTracker::new(8 * PAGE_SIZE);
         shared.states().mark_dirty(4);
-        let set = shared.states().take_dirty();
-        let err = write_back(&shared, &f, set, |_| {
+        let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
+        let err = write_back(&shared, &f, flush, |_| {
             Err(io::Error::from_raw_os_error(libc::EIO))
         })
         .unwrap_err();
@@ -207,5 +291,86 @@ mod tests {
         assert_eq!(shared.states().state(4), Some(PageState::Dirty));
         assert_eq!(shared.stats("kernel").flush.pages, 0);
         std::fs::remove_file(path).unwrap();
+    }
+
+    fn dirty(shared: &PageTracker) -> Vec<u64> {
+        let states = shared.states();
+        (0..states.pages())
+            .filter(|&p| states.state(p) == Some(PageState::Dirty))
+            .collect()
+    }
+
+    #[test]
+    fn a_flush_cleans_on_success_and_redirties_on_failure() {
+        let shared = PageTracker::new(8 * PAGE_SIZE);
+        for p in [1, 5] {
+            shared.states().mark_dirty(p);
+        }
+        let mut rearmed = Vec::new();
+        let flush = shared
+            .begin_flush(|states, set| {
+                // Under the lock, the taken pages are clean already.
+                assert_eq!(states.state(1), Some(PageState::Clean));
+                rearmed.extend((0..8).filter(|&p| set.contains(p)));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(rearmed, vec![1, 5]);
+        assert_eq!(dirty(&shared), Vec::<u64>::new());
+        let report = flush.finish(Ok(Written::Durable { runs: 2 })).unwrap();
+        assert_eq!((report.pages, report.bytes), (Some(2), Some(2 * PAGE_SIZE)));
+        assert_eq!(dirty(&shared), Vec::<u64>::new());
+        let s = shared.stats("t");
+        assert_eq!((s.flush.pages, s.flush.runs), (2, 2));
+
+        shared.states().mark_dirty(3);
+        let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
+        let err = flush.finish(Err(io::Error::from_raw_os_error(libc::EIO)));
+        assert_eq!(err.unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert_eq!(dirty(&shared), vec![3]);
+        assert_eq!(shared.stats("t").flush.pages, 2, "a failure is not counted");
+    }
+
+    #[test]
+    fn a_write_during_a_flush_stays_dirty_whatever_its_outcome() {
+        let shared = PageTracker::new(8 * PAGE_SIZE);
+        shared.states().mark_dirty(2);
+        let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
+        shared.states().fault(6, Access::Write);
+        flush.finish(Ok(Written::Durable { runs: 1 })).unwrap();
+        assert_eq!(dirty(&shared), vec![6]);
+
+        let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
+        shared.states().fault(6, Access::Write);
+        shared.states().fault(7, Access::Write);
+        flush
+            .finish(Err(io::Error::from_raw_os_error(libc::EIO)))
+            .unwrap_err();
+        assert_eq!(dirty(&shared), vec![6, 7]);
+    }
+
+    #[test]
+    fn a_failed_rearm_or_an_unfinished_flush_leaves_the_pages_dirty() {
+        let shared = PageTracker::new(8 * PAGE_SIZE);
+        shared.states().mark_dirty(4);
+        let err = shared
+            .begin_flush(|_, _| Err(io::Error::from_raw_os_error(libc::EINVAL)))
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+        assert_eq!(dirty(&shared), vec![4]);
+        drop(shared.begin_flush(|_, _| Ok(())).unwrap());
+        assert_eq!(dirty(&shared), vec![4]);
+    }
+
+    #[test]
+    fn a_discarded_flush_cleans_and_counts_nothing_written() {
+        let shared = PageTracker::new(8 * PAGE_SIZE);
+        shared.states().mark_dirty(1);
+        let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
+        let report = flush.finish(Ok(Written::Discarded)).unwrap();
+        assert_eq!((report.pages, report.bytes), (Some(0), Some(0)));
+        assert_eq!(dirty(&shared), Vec::<u64>::new());
+        let s = shared.stats("t");
+        assert_eq!((s.flush.pages, s.flush.last_pages), (0, 0));
     }
 }
