@@ -267,29 +267,7 @@ pub fn gdt() -> [u64; GDT_ENTRIES] {
 
 /// The segment register KVM wants for GDT entry `index`, with RPL = DPL.
 fn segment(index: usize) -> kvm_segment {
-    let e = gdt()[index];
-    let g = ((e >> 55) & 1) as u8;
-    let raw_limit = ((e & 0xffff) | ((e >> 32) & 0xf_0000)) as u32;
-    let dpl = ((e >> 45) & 3) as u8;
-    kvm_segment {
-        base: ((e >> 16) & 0xff_ffff) | (((e >> 56) & 0xff) << 24),
-        limit: if g == 1 {
-            (raw_limit << 12) | 0xfff
-        } else {
-            raw_limit
-        },
-        selector: ((index as u16) * 8) | u16::from(dpl),
-        type_: ((e >> 40) & 0xf) as u8,
-        present: ((e >> 47) & 1) as u8,
-        dpl,
-        db: ((e >> 54) & 1) as u8,
-        s: ((e >> 44) & 1) as u8,
-        l: ((e >> 53) & 1) as u8,
-        g,
-        avl: ((e >> 52) & 1) as u8,
-        unusable: 0,
-        padding: 0,
-    }
+    vmm::cpu::decode_segment(gdt()[index], index as u16)
 }
 
 const CR0_PE: u64 = 1;

@@ -50,10 +50,16 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The KVM segment register matching GDT entry `index`.
 pub fn segment(index: u16) -> kvm_segment {
-    let e = GDT[index as usize];
+    decode_segment(GDT[index as usize], index)
+}
+
+/// The KVM segment register for the raw GDT descriptor `e` at `index`,
+/// its selector's RPL equal to the descriptor's DPL.
+pub fn decode_segment(e: u64, index: u16) -> kvm_segment {
     let g = ((e >> 55) & 1) as u8;
     let raw_limit = ((e & 0xffff) | ((e >> 32) & 0xf_0000)) as u32;
     let present = ((e >> 47) & 1) as u8;
+    let dpl = ((e >> 45) & 3) as u8;
     kvm_segment {
         base: ((e >> 16) & 0xff_ffff) | (((e >> 56) & 0xff) << 24),
         limit: if g == 1 {
@@ -61,10 +67,10 @@ pub fn segment(index: u16) -> kvm_segment {
         } else {
             raw_limit
         },
-        selector: index * 8,
+        selector: (index * 8) | u16::from(dpl),
         type_: ((e >> 40) & 0xf) as u8,
         present,
-        dpl: ((e >> 45) & 3) as u8,
+        dpl,
         db: ((e >> 54) & 1) as u8,
         s: ((e >> 44) & 1) as u8,
         l: ((e >> 53) & 1) as u8,

@@ -18,7 +18,7 @@ use super::dirty_log::DirtyLog;
 use super::engine::{FaultEngine, Memslot};
 use super::file_io::pwrite_all;
 use super::write_through::PmemWriteThrough;
-use super::{dirty_log, write_back, Flush, PageTracker, Run, TruncationGuard, Written};
+use super::{dirty_log, write_back, Flush, PageTracker, Run, TruncationGuard};
 use crate::abi::magic::{HUGETLBFS_MAGIC, TMPFS_MAGIC};
 use crate::abi::mman::{MADV_POPULATE_READ, MADV_POPULATE_WRITE};
 use crate::host::HostKind;
@@ -127,8 +127,7 @@ impl MappedRuns {
 pub struct DirtyLogWriteback {
     pub shared: Arc<PageTracker>,
     pub log: Arc<dirty_log::DirtyLog>,
-    /// `None` for discard_writes: the mapping is private, nothing to write.
-    pub runs: Option<MappedRuns>,
+    pub runs: MappedRuns,
 }
 
 impl Writeback for DirtyLogWriteback {
@@ -137,13 +136,7 @@ impl Writeback for DirtyLogWriteback {
         // states, and the flush takes ours.
         self.log.harvest()?;
         let flush = self.shared.begin_flush(|_, _| Ok(()))?;
-        match &mut self.runs {
-            Some(runs) => runs.write_back(&self.shared, flush),
-            // This engine never reported a count for a discarded flush.
-            None => flush
-                .finish(Ok(Written::Discarded))
-                .map(|_| WritebackReport::default()),
-        }
+        self.runs.write_back(&self.shared, flush)
     }
 }
 
@@ -245,11 +238,7 @@ impl FaultEngine for KernelEngine {
             Some(log) => Box::new(DirtyLogWriteback {
                 shared: self.tracker.clone(),
                 log: log.clone(),
-                runs: Some(MappedRuns::new(
-                    self.file.try_clone()?,
-                    self.host as *mut u8,
-                    self.size,
-                )),
+                runs: MappedRuns::new(self.file.try_clone()?, self.host as *mut u8, self.size),
             }),
             // Read-only, or a private mapping: nothing reaches the file.
             None => Box::new(NothingToWrite),
