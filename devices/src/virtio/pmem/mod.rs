@@ -1,12 +1,15 @@
 //! virtio-pmem: a guest-physical region backed by a host file, plus a request
 //! queue where the guest asks for its stores to be made durable.
 //!
-//! Wiring, as the VMM does it:
+//! Wiring, as the VMM does it (`vmm::pmem::attach`):
 //! 1. [`PmemBacking::open`] the file from a [`PmemConfig`] (`--pmem` value).
-//! 2. Map `backing.host_addr()`/`size()` into the guest at a 2 MiB aligned
-//!    guest-physical start (read-only slot if `backing.readonly()`).
-//! 3. [`PmemDevice::new`]`(backing, start)`, shared as `Arc<Mutex<_>>` with
-//!    the MMIO transport and an `event_manager::EventManager` thread.
+//! 2. Start the fault engine the config names; it says what goes into the
+//!    region's memslot (the backing's mapping or its own) at a 2 MiB
+//!    aligned guest-physical start, and provides the device's [`Writeback`].
+//! 3. [`PmemDevice::with_writeback`]`(backing, start, writeback)`, shared as
+//!    `Arc<Mutex<_>>` with the MMIO transport and an
+//!    `event_manager::EventManager` thread. ([`PmemDevice::new`] flushes
+//!    with a plain `fdatasync`, for callers without an engine.)
 
 mod backing;
 mod device;
