@@ -29,9 +29,9 @@ use devices::bus::Bus;
 use devices::size::parse_size;
 use devices::virtio::mmio::{reg, MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
 use devices::virtio::pmem::{
-    FaultEngineKind, PmemBacking, PmemConfig, PmemDevice, PmemErrorKind, Writeback,
-    WritebackReport, DEFAULT_POPULATE, MAX_POLL_US, MAX_POPULATE, QUEUE_SIZE,
-    VIRTIO_PMEM_REQ_TYPE_FLUSH, VIRTIO_PMEM_RESP_OK,
+    EngineConfig, PmemBacking, PmemConfig, PmemDevice, PmemErrorKind, UffdConfig, Writeback,
+    WritebackReport, MAX_POLL_US, MAX_POPULATE, QUEUE_SIZE, VIRTIO_PMEM_REQ_TYPE_FLUSH,
+    VIRTIO_PMEM_RESP_OK,
 };
 use devices::virtio::status::{
     ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
@@ -966,10 +966,10 @@ fn render(config: &PmemConfig) -> String {
     if let Some(size) = config.size {
         s.push_str(&format!(",size={size}"));
     }
-    if config.engine == FaultEngineKind::Uffd {
+    if let EngineConfig::Uffd(uffd) = config.engine {
         s.push_str(&format!(
             ",populate={},poll_us={}",
-            config.populate, config.poll_us
+            uffd.populate, uffd.poll_us
         ));
     }
     s
@@ -982,6 +982,10 @@ fn check_pmem_config(s: &str) {
             let _ = e.to_string();
             return;
         }
+    };
+    let (uffd_engine, uffd) = match config.engine {
+        EngineConfig::Uffd(uffd) => (true, uffd),
+        _ => (false, UffdConfig::default()),
     };
     // Every part is key=value with a distinct key; the config holds the values.
     let mut keys = Vec::new();
@@ -997,12 +1001,12 @@ fn check_pmem_config(s: &str) {
             "engine" => assert_eq!(config.engine.name(), value, "engine of {s:?}"),
             "populate" => assert_eq!(
                 value.parse::<u16>().ok(),
-                Some(config.populate),
+                Some(uffd.populate),
                 "populate of {s:?}"
             ),
             "poll_us" => assert_eq!(
                 value.parse::<u16>().ok(),
-                Some(config.poll_us),
+                Some(uffd.poll_us),
                 "poll_us of {s:?}"
             ),
             "readonly" | "discard_writes" => {}
@@ -1023,23 +1027,21 @@ fn check_pmem_config(s: &str) {
         "{s:?}: readonly and discard"
     );
     assert!(
-        (1..=MAX_POPULATE).contains(&config.populate),
+        (1..=MAX_POPULATE).contains(&uffd.populate),
         "{s:?}: populate {}",
-        config.populate
+        uffd.populate
     );
     assert!(
-        config.engine == FaultEngineKind::Uffd
-            || (config.populate == DEFAULT_POPULATE && !keys.contains(&"populate")),
+        uffd_engine || !keys.contains(&"populate"),
         "{s:?}: populate= without engine=uffd"
     );
     assert!(
-        config.poll_us <= MAX_POLL_US,
+        uffd.poll_us <= MAX_POLL_US,
         "{s:?}: poll_us {}",
-        config.poll_us
+        uffd.poll_us
     );
     assert!(
-        config.engine == FaultEngineKind::Uffd
-            || (config.poll_us == 0 && !keys.contains(&"poll_us")),
+        uffd_engine || !keys.contains(&"poll_us"),
         "{s:?}: poll_us= without engine=uffd"
     );
     let again = render(&config);

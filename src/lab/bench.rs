@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use devices::virtio::pmem::{FaultEngineKind, DEFAULT_POPULATE};
+use devices::virtio::pmem::{EngineConfig, FaultEngineKind};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -480,18 +480,13 @@ fn build_probe(
     let region_pages = region_pages.max(1).div_ceil(512) * 512;
     let backing = scratch.create_file(region_pages * super::paging::PAGE)?;
     let samples = steps.iter().map(|s| s.count).sum();
+    let mut engine_config = EngineConfig::with_defaults(engine);
+    if let EngineConfig::Uffd(options) = &mut engine_config {
+        options.populate = uffd.populate.unwrap_or(options.populate);
+        options.poll_us = uffd.poll_us.unwrap_or(options.poll_us);
+    }
     let config = ProbeVmConfig {
-        engine,
-        populate: if engine == FaultEngineKind::Uffd {
-            uffd.populate.unwrap_or(DEFAULT_POPULATE)
-        } else {
-            DEFAULT_POPULATE
-        },
-        poll_us: if engine == FaultEngineKind::Uffd {
-            uffd.poll_us.unwrap_or(0)
-        } else {
-            0
-        },
+        engine: engine_config,
         backing: backing.clone(),
         region_pages,
         timeout: probe_timeout(samples),

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use devices::virtio::pmem::{FaultEngineKind, DEFAULT_POPULATE};
+use devices::virtio::pmem::{EngineConfig, FaultEngineKind};
 
 use super::backing::{BackingKind, ScratchDir};
 use super::bench::{self, FaultBenchConfig, FaultOp, FlushBenchConfig, FlushLayout, PagePattern};
@@ -35,9 +35,7 @@ fn run(
         .create_file(region_pages.div_ceil(512) * 512 * 4096)
         .unwrap();
     let config = ProbeVmConfig {
-        engine,
-        populate: DEFAULT_POPULATE,
-        poll_us: 0,
+        engine: EngineConfig::with_defaults(engine),
         backing,
         region_pages,
         timeout: Duration::from_secs(20),
@@ -101,9 +99,7 @@ fn random_writes_touch_every_page_of_the_window() {
     require_kvm();
     let backing = dir.create_file(2 << 20).unwrap();
     let config = ProbeVmConfig {
-        engine: FaultEngineKind::Kernel,
-        populate: DEFAULT_POPULATE,
-        poll_us: 0,
+        engine: EngineConfig::Kernel,
         backing: backing.clone(),
         region_pages: 512,
         timeout: Duration::from_secs(20),
@@ -185,9 +181,7 @@ fn a_paused_probe_resumes_where_it_stopped() {
     require_kvm();
     let backing = dir.create_file(2 << 20).unwrap();
     let config = ProbeVmConfig {
-        engine: FaultEngineKind::Kernel,
-        populate: DEFAULT_POPULATE,
-        poll_us: 0,
+        engine: EngineConfig::Kernel,
         backing,
         region_pages: 512,
         timeout: Duration::from_secs(20),
@@ -221,9 +215,7 @@ fn a_full_dirty_ring_loses_no_write() {
     require_kvm();
     let backing = dir.create_file(pages * 4096).unwrap();
     let config = ProbeVmConfig {
-        engine: FaultEngineKind::Kernel,
-        populate: DEFAULT_POPULATE,
-        poll_us: 0,
+        engine: EngineConfig::Kernel,
         backing: backing.clone(),
         region_pages: pages,
         timeout: Duration::from_secs(300),
@@ -262,9 +254,7 @@ fn a_probe_exception_is_reported_with_its_vector() {
     let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
     require_kvm();
     let config = ProbeVmConfig {
-        engine: FaultEngineKind::Kernel,
-        populate: DEFAULT_POPULATE,
-        poll_us: 0,
+        engine: EngineConfig::Kernel,
         backing: dir.create_file(2 << 20).unwrap(),
         region_pages: 512,
         timeout: Duration::from_secs(20),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use devices::bus::Bus;
 use devices::virtio::features::VIRTIO_F_VERSION_1;
 use devices::virtio::mmio::reg;
-use devices::virtio::pmem::{FaultEngineKind, PmemConfig, PmemStats};
+use devices::virtio::pmem::{EngineConfig, FaultEngineKind, PmemConfig, PmemStats};
 use devices::virtio::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -57,11 +57,8 @@ pub const MAX_STEPS: usize = (PARAMS_SIZE as usize - STEPS_OFFSET) / STEP_SIZE -
 /// What the probe VM is made of.
 #[derive(Debug, Clone)]
 pub struct ProbeVmConfig {
-    pub engine: FaultEngineKind,
-    /// Pages per fault for the uffd engine; ignored by the others.
-    pub populate: u16,
-    /// The uffd servicer's polling window in µs; ignored by the others.
-    pub poll_us: u16,
+    /// The engine and its options, as `--pmem engine=` gives them.
+    pub engine: EngineConfig,
     /// The backing file; created (or grown sparse) to the region's size.
     pub backing: PathBuf,
     /// Size of the pmem region in 4 KiB pages; rounded up to 2 MiB.
@@ -252,8 +249,6 @@ impl ProbeVm {
             readonly: false,
             discard_writes: false,
             engine: config.engine,
-            populate: config.populate,
-            poll_us: config.poll_us,
         };
         let mut machine = Machine::build(
             kvm,
@@ -363,7 +358,7 @@ impl ProbeVm {
         let exit = ExitSignal::new().map_err(ProbeError::EventLoop)?;
         let exits = ExitHandler::new(0, machine.vcpu_context(Bus::new(), Arc::new(exit)));
         Ok(Self {
-            engine: config.engine,
+            engine: config.engine.kind(),
             machine,
             vcpu,
             mem,

@@ -26,13 +26,59 @@ pub struct PmemConfig {
     /// Map privately: guest writes never reach the file.
     pub discard_writes: bool,
     /// How the VMM serves the guest's faults on the region.
-    pub engine: FaultEngineKind,
+    pub engine: EngineConfig,
+}
+
+/// `engine=`, with the options only that engine takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineConfig {
+    #[default]
+    Kernel,
+    Prefault,
+    Uffd(UffdConfig),
+}
+
+/// `populate=` and `poll_us=`, for `engine=uffd` only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UffdConfig {
     /// Pages the uffd engine inserts per fault (1..=512).
     pub populate: u16,
     /// Microseconds the uffd fault servicer keeps polling for the next
     /// fault before it sleeps (0..=1000, default 0): a faulting vCPU then
     /// waits for no wake-up, at the price of a busy CPU while faults come.
     pub poll_us: u16,
+}
+
+impl Default for UffdConfig {
+    fn default() -> Self {
+        Self {
+            populate: DEFAULT_POPULATE,
+            poll_us: 0,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The engine `kind` with its default options.
+    pub fn with_defaults(kind: FaultEngineKind) -> Self {
+        match kind {
+            FaultEngineKind::Kernel => Self::Kernel,
+            FaultEngineKind::Prefault => Self::Prefault,
+            FaultEngineKind::Uffd => Self::Uffd(UffdConfig::default()),
+        }
+    }
+
+    pub fn kind(&self) -> FaultEngineKind {
+        match self {
+            Self::Kernel => FaultEngineKind::Kernel,
+            Self::Prefault => FaultEngineKind::Prefault,
+            Self::Uffd(_) => FaultEngineKind::Uffd,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.kind().name()
+    }
 }
 
 /// `engine=`: who populates the guest's pmem pages and catches first writes.
@@ -166,25 +212,24 @@ impl FromStr for PmemConfig {
         if path.as_os_str().is_empty() {
             return Err(PmemConfigError::EmptyPath);
         }
+        let engine = match engine.unwrap_or_default() {
+            FaultEngineKind::Uffd => EngineConfig::Uffd(UffdConfig {
+                populate: populate.unwrap_or(DEFAULT_POPULATE),
+                poll_us: poll_us.unwrap_or(0),
+            }),
+            _ if populate.is_some() => return Err(PmemConfigError::UffdOnly("populate")),
+            _ if poll_us.is_some() => return Err(PmemConfigError::UffdOnly("poll_us")),
+            kind => EngineConfig::with_defaults(kind),
+        };
         let config = PmemConfig {
             path,
             size,
             readonly: readonly.unwrap_or(false),
             discard_writes: discard_writes.unwrap_or(false),
-            engine: engine.unwrap_or_default(),
-            populate: populate.unwrap_or(DEFAULT_POPULATE),
-            poll_us: poll_us.unwrap_or(0),
+            engine,
         };
         if config.readonly && config.discard_writes {
             return Err(PmemConfigError::ReadonlyAndDiscard);
-        }
-        if config.engine != FaultEngineKind::Uffd {
-            if populate.is_some() {
-                return Err(PmemConfigError::UffdOnly("populate"));
-            }
-            if poll_us.is_some() {
-                return Err(PmemConfigError::UffdOnly("poll_us"));
-            }
         }
         Ok(config)
     }
@@ -536,9 +581,7 @@ pub(crate) mod tests {
                 size: Some(64 * MIB),
                 readonly: false,
                 discard_writes: true,
-                engine: FaultEngineKind::Kernel,
-                populate: DEFAULT_POPULATE,
-                poll_us: 0,
+                engine: EngineConfig::Kernel,
             }
         );
         let c: PmemConfig = "readonly=on,file=x".parse().unwrap();
@@ -551,13 +594,23 @@ pub(crate) mod tests {
     fn parses_engine_and_populate() {
         let c: PmemConfig = "file=x,engine=uffd,populate=512".parse().unwrap();
         assert_eq!(
-            (c.engine, c.populate, c.poll_us),
-            (FaultEngineKind::Uffd, 512, 0)
+            c.engine,
+            EngineConfig::Uffd(UffdConfig {
+                populate: 512,
+                poll_us: 0
+            })
         );
         let c: PmemConfig = "file=x,engine=uffd,poll_us=200".parse().unwrap();
-        assert_eq!((c.populate, c.poll_us), (DEFAULT_POPULATE, 200));
+        assert_eq!(
+            c.engine,
+            EngineConfig::Uffd(UffdConfig {
+                populate: DEFAULT_POPULATE,
+                poll_us: 200
+            })
+        );
         let c: PmemConfig = "file=x,engine=prefault".parse().unwrap();
-        assert_eq!(c.engine, FaultEngineKind::Prefault);
+        assert_eq!(c.engine, EngineConfig::Prefault);
+        assert_eq!(c.engine.kind(), FaultEngineKind::Prefault);
         let err = |s: &str| s.parse::<PmemConfig>().unwrap_err();
         assert_eq!(
             err("file=x,engine=ept"),
@@ -716,9 +769,7 @@ pub(crate) mod tests {
             size: Some(2 * MIB),
             readonly: true,
             discard_writes: true,
-            engine: FaultEngineKind::Kernel,
-            populate: DEFAULT_POPULATE,
-            poll_us: 0,
+            engine: EngineConfig::Kernel,
         };
         assert!(matches!(
             PmemBacking::open(&c),
