@@ -118,7 +118,7 @@ impl Rig {
         let writeback = FuzzWriteback {
             fail: fail_writeback.clone(),
         };
-        let dev = PmemDevice::with_writeback(
+        let dev = PmemDevice::new(
             temp_backing(),
             GuestAddress(PMEM_START),
             Box::new(writeback),

@@ -260,7 +260,7 @@ pub fn attach(
         let memslot = engine.memslot();
         let overlay = engine.emulated_access().map_err(engine_err)?;
         let writeback = engine.writeback().map_err(engine_err)?;
-        let device = Arc::new(Mutex::new(PmemDevice::with_writeback(
+        let device = Arc::new(Mutex::new(PmemDevice::new(
             backing,
             GuestAddress(start),
             writeback,

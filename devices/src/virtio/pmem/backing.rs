@@ -1,6 +1,6 @@
 //! The host file behind a virtio-pmem device: `--pmem` option parsing,
-//! opening, locking, sizing and mapping, plus the default [`Writeback`] that
-//! makes guest stores durable with `fdatasync`.
+//! opening, locking, sizing and mapping, and the [`Writeback`] trait a fault
+//! engine implements to make the guest's stores durable.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -509,34 +509,6 @@ pub trait Writeback: Send {
     fn writeback(&mut self) -> io::Result<WritebackReport>;
 }
 
-/// The default [`Writeback`]: the region is mapped MAP_SHARED, so guest
-/// stores are already in the page cache and `fdatasync` makes them durable.
-#[derive(Debug)]
-pub struct FileWriteback {
-    // None when the file is never written (readonly or discard_writes).
-    file: Option<File>,
-}
-
-impl FileWriteback {
-    pub fn new(backing: &PmemBacking) -> io::Result<Self> {
-        let file = if backing.readonly() || backing.discard_writes() {
-            None
-        } else {
-            Some(backing.file().try_clone()?)
-        };
-        Ok(Self { file })
-    }
-}
-
-impl Writeback for FileWriteback {
-    fn writeback(&mut self) -> io::Result<WritebackReport> {
-        if let Some(file) = &self.file {
-            file.sync_data()?;
-        }
-        Ok(WritebackReport::default())
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -804,14 +776,15 @@ pub(crate) mod tests {
         {
             let b = PmemBacking::open(&config(&p.0, ",size=2M")).unwrap();
             poke(&b, 4096, b"durable");
-            FileWriteback::new(&b).unwrap().writeback().unwrap();
+            b.file().sync_data().unwrap();
             let data = std::fs::read(&p.0).unwrap();
             assert_eq!(&data[4096..4103], b"durable");
         }
         let b = PmemBacking::open(&config(&p.0, ",discard_writes=on")).unwrap();
         assert!(b.discard_writes());
         poke(&b, 4096, b"discard");
-        FileWriteback::new(&b).unwrap().writeback().unwrap();
+        // A private mapping: nothing reaches the file, synced or not.
+        b.file().sync_data().unwrap();
         drop(b);
         let data = std::fs::read(&p.0).unwrap();
         assert_eq!(&data[4096..4103], b"durable");

@@ -10,7 +10,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::backing::{FileWriteback, PmemBacking, Writeback, PMEM_ALIGN};
+use super::backing::{PmemBacking, Writeback, PMEM_ALIGN};
 use super::metrics::{PmemErrorKind, PmemMetrics};
 use crate::ratelimit::LogLimiter;
 use crate::virtio::{
@@ -44,11 +44,6 @@ pub enum PmemError {
         path: String,
         source: std::io::Error,
     },
-    #[error("pmem {path}: cannot set up writeback: {source}")]
-    Writeback {
-        path: String,
-        source: std::io::Error,
-    },
 }
 
 /// State that exists only between DRIVER_OK and reset.
@@ -74,17 +69,9 @@ pub struct PmemDevice {
 
 impl PmemDevice {
     /// A device exposing `backing` at guest-physical `guest_start`, serving
-    /// flushes with `fdatasync` on the backing file.
-    pub fn new(backing: PmemBacking, guest_start: GuestAddress) -> Result<Self, PmemError> {
-        let writeback = FileWriteback::new(&backing).map_err(|source| PmemError::Writeback {
-            path: backing.path().display().to_string(),
-            source,
-        })?;
-        Self::with_writeback(backing, guest_start, Box::new(writeback))
-    }
-
-    /// Like [`Self::new`] with a custom [`Writeback`] (e.g. dirty-page exact).
-    pub fn with_writeback(
+    /// flushes with `writeback`: the fault engine's, which knows what is
+    /// dirty and how to make it durable.
+    pub fn new(
         backing: PmemBacking,
         guest_start: GuestAddress,
         writeback: Box<dyn Writeback>,
@@ -670,7 +657,7 @@ pub(crate) mod tests {
         let config: PmemConfig = format!("file={},size=2M", p.0.display()).parse().unwrap();
         // The open fd keeps the file alive after TempPath removes its name.
         let backing = PmemBacking::open(&config).unwrap();
-        PmemDevice::with_writeback(backing, GuestAddress(0x1_0000_0000), Box::new(wb)).unwrap()
+        PmemDevice::new(backing, GuestAddress(0x1_0000_0000), Box::new(wb)).unwrap()
     }
 
     pub(crate) fn fixture() -> Fixture {
@@ -711,7 +698,8 @@ pub(crate) mod tests {
         let p = TempPath::new("unaligned");
         let config: PmemConfig = format!("file={},size=2M", p.0.display()).parse().unwrap();
         let backing = PmemBacking::open(&config).unwrap();
-        let e = PmemDevice::new(backing, GuestAddress(0x1000))
+        let wb = Box::new(FakeWriteback::default());
+        let e = PmemDevice::new(backing, GuestAddress(0x1000), wb)
             .err()
             .unwrap();
         assert!(matches!(e, PmemError::UnalignedStart { .. }), "{e}");

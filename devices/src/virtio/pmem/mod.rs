@@ -6,10 +6,9 @@
 //! 2. Start the fault engine the config names; it says what goes into the
 //!    region's memslot (the backing's mapping or its own) at a 2 MiB
 //!    aligned guest-physical start, and provides the device's [`Writeback`].
-//! 3. [`PmemDevice::with_writeback`]`(backing, start, writeback)`, shared as
+//! 3. [`PmemDevice::new`]`(backing, start, writeback)`, shared as
 //!    `Arc<Mutex<_>>` with the MMIO transport and an
-//!    `event_manager::EventManager` thread. ([`PmemDevice::new`] flushes
-//!    with a plain `fdatasync`, for callers without an engine.)
+//!    `event_manager::EventManager` thread.
 
 mod backing;
 mod device;
@@ -18,9 +17,9 @@ mod metrics;
 mod readonly;
 
 pub use backing::{
-    EngineConfig, FaultEngineKind, FileWriteback, PmemBacking, PmemBackingError, PmemConfig,
-    PmemConfigError, UffdConfig, Writeback, WritebackReport, DEFAULT_POPULATE, MAX_POLL_US,
-    MAX_POPULATE, PMEM_ALIGN,
+    EngineConfig, FaultEngineKind, PmemBacking, PmemBackingError, PmemConfig, PmemConfigError,
+    UffdConfig, Writeback, WritebackReport, DEFAULT_POPULATE, MAX_POLL_US, MAX_POPULATE,
+    PMEM_ALIGN,
 };
 pub use device::{
     PmemDevice, PmemError, QUEUE_SIZE, VIRTIO_PMEM_REQ_TYPE_FLUSH, VIRTIO_PMEM_RESP_EIO,

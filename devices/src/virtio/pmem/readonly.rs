@@ -91,7 +91,8 @@ mod tests {
             .parse()
             .unwrap();
         let backing = PmemBacking::open(&cfg).unwrap();
-        let dev = PmemDevice::new(backing, GuestAddress(1 << 32)).unwrap();
+        let wb = Box::new(crate::virtio::pmem::device::tests::FakeWriteback::default());
+        let dev = PmemDevice::new(backing, GuestAddress(1 << 32), wb).unwrap();
         let metrics = dev.metrics();
         let mut region = ReadonlyRegion::new(&dev).unwrap();
         assert_eq!(region.size(), 2 << 20);
