@@ -273,6 +273,29 @@ fn a_probe_exception_is_reported_with_its_vector() {
     }
 }
 
+/// A probe that never ends is stopped by the watchdog, which kicks the
+/// vCPU out of KVM_RUN, and reported as hung, not waited for forever.
+#[test]
+fn a_hung_probe_is_stopped_at_its_timeout() {
+    let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
+    require_kvm();
+    let config = ProbeVmConfig {
+        engine: EngineConfig::Kernel,
+        backing: dir.create_file(2 << 20).unwrap(),
+        region_pages: 512,
+        timeout: Duration::from_millis(300),
+    };
+    let vm = ProbeVm::new(&config, &[flush()]).unwrap();
+    // jmp . as the first instruction.
+    vm.patch_code(0, &[0xeb, 0xfe]);
+    let started = std::time::Instant::now();
+    match vm.run() {
+        Err(ProbeError::Timeout { steps_done: 0, .. }) => {}
+        other => panic!("want a timeout after 0 steps, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
 #[test]
 fn steps_outside_the_region_are_refused() {
     let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();

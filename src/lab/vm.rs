@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +35,7 @@ use vmm::machine::{Machine, MachineConfig};
 use vmm::pmem::{AttachError, DeviceEventLoop};
 use vmm::vcpu::ExitHandler;
 use vmm::vstate::open_kvm;
+use vmm::worker::StopEvent;
 
 /// What the probe routine executes: 64-bit mode, rdtsc and rdtscp to time
 /// each access, lfence and mfence (SSE2) to order them.
@@ -721,44 +721,43 @@ pub fn host_tsc_khz() -> u32 {
 /// kicking (a kick that lands outside KVM_RUN is lost) until dropped.
 struct Watchdog {
     fired: Arc<AtomicBool>,
-    done: Option<mpsc::Sender<()>>,
+    /// None, like `thread`, if no eventfd could be made: no watchdog.
+    stop: Option<StopEvent>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Watchdog {
     fn start(timeout: Duration) -> Self {
         let fired = Arc::new(AtomicBool::new(false));
-        let (done, wait) = mpsc::channel::<()>();
         // SAFETY: pthread_self has no preconditions.
         let target = unsafe { libc::pthread_self() };
-        let thread = {
+        let stop = StopEvent::new().ok();
+        let thread = stop.as_ref().and_then(|stop| {
+            let stop = stop.try_clone().ok()?;
             let fired = fired.clone();
             std::thread::Builder::new()
                 .name("probe-watchdog".into())
                 .spawn(move || {
-                    if wait.recv_timeout(timeout) != Err(mpsc::RecvTimeoutError::Timeout) {
+                    if stop.wait(timeout) {
                         return;
                     }
                     fired.store(true, Ordering::Release);
-                    while wait.recv_timeout(Duration::from_millis(5))
-                        == Err(mpsc::RecvTimeoutError::Timeout)
-                    {
+                    while !stop.wait(Duration::from_millis(5)) {
                         // SAFETY: `target` is the thread that owns this
                         // watchdog; it joins us before it can exit, so the
                         // id is live. The signal has a no-op handler
                         // (install_kick_handler).
-                        unsafe { libc::pthread_kill(target, vmm_sys_util::signal::SIGRTMIN()) };
+                        unsafe { libc::pthread_kill(target, vmm::vcpu::kick_signal()) };
                     }
                 })
                 .ok()
-        };
+        });
         Self {
             fired,
-            done: Some(done),
+            stop,
             thread,
         }
     }
-
     fn fired(&self) -> bool {
         self.fired.load(Ordering::Acquire)
     }
@@ -766,7 +765,12 @@ impl Watchdog {
 
 impl Drop for Watchdog {
     fn drop(&mut self) {
-        drop(self.done.take());
+        if let Some(stop) = &self.stop {
+            if let Err(e) = stop.request() {
+                log::error!("cannot stop the probe watchdog: {e}");
+                return;
+            }
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

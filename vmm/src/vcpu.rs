@@ -43,7 +43,7 @@ static UNKNOWN_MMIO: LogLimiter = LogLimiter::new(8, 1000);
 const POST_PORT: u16 = 0x80;
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
-fn kick_signal() -> i32 {
+pub fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 

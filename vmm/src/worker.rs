@@ -6,6 +6,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
@@ -33,6 +34,23 @@ impl StopEvent {
 
     pub fn requested(&self) -> bool {
         self.requested.load(Ordering::Acquire)
+    }
+
+    /// Sleeps until a stop is requested or `timeout` passes (a worker's
+    /// backoff or timer); true if it was requested.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        if self.requested() {
+            return true;
+        }
+        let mut fd = libc::pollfd {
+            fd: self.evt.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: one valid pollfd, of which poll writes only `revents`.
+        unsafe { libc::poll(&mut fd, 1, ms) };
+        self.requested()
     }
 
     pub fn try_clone(&self) -> std::io::Result<Self> {
@@ -89,5 +107,17 @@ mod tests {
         stop.request().unwrap();
         assert!(other.requested());
         assert!(other.requested(), "seeing the request does not consume it");
+    }
+
+    #[test]
+    fn wait_ends_at_the_request_or_the_timeout() {
+        let stop = StopEvent::new().unwrap();
+        let t = std::time::Instant::now();
+        assert!(!stop.wait(Duration::from_millis(20)));
+        assert!(t.elapsed() >= Duration::from_millis(20));
+        let other = stop.try_clone().unwrap();
+        let waiter = std::thread::spawn(move || other.wait(Duration::from_secs(60)));
+        stop.request().unwrap();
+        assert!(waiter.join().unwrap(), "a request wakes the waiter");
     }
 }

@@ -152,19 +152,6 @@ impl Servicer {
         }
     }
 
-    /// Waits up to `timeout` for the stop request; true if it came.
-    fn wait_stop(&self, timeout: Duration) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: one valid pollfd, which poll only writes `revents` of.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        rc > 0 && pfd.revents & libc::POLLIN != 0
-    }
-
     /// Reads the pending messages; 0 when there are none (the fd is
     /// non-blocking, or a signal came), `Err` when the fd failed, which
     /// stops the servicer (logged here).
@@ -265,7 +252,7 @@ impl Servicer {
                     ),
                 }
             }
-            if self.wait_stop(backoff.next_delay()) {
+            if self.stop.wait(backoff.next_delay()) {
                 return Err(Stopped);
             }
         }
