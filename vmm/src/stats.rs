@@ -11,7 +11,7 @@ use serde::Serialize;
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::kvm_stats::{self, KvmStats};
-use crate::pmem::{AttachedPmem, DeviceStats};
+use crate::pmem::DeviceStats;
 
 #[derive(Debug, thiserror::Error)]
 #[error("--stats {path}: {source}")]
@@ -41,17 +41,17 @@ impl StatsFile {
         })
     }
 
+    /// Writes each device's record, with the VM's KVM counters in each.
     pub fn write(
         mut self,
-        pmem: &[AttachedPmem],
+        pmem: impl IntoIterator<Item = DeviceStats>,
         kvm: Option<KvmCounters>,
     ) -> Result<(), StatsError> {
         let kvm = kvm.map(|k| k.delta()).unwrap_or_default();
         let stats = Stats {
             pmem: pmem
-                .iter()
-                .map(|d| {
-                    let mut s = d.stats();
+                .into_iter()
+                .map(|mut s| {
                     s.kvm = kvm.clone();
                     s
                 })

@@ -220,7 +220,7 @@ pub fn run(config: VmConfig) -> Result<i32, VmmError> {
     }
     let _ = std::io::stdout().flush();
     if let Some(stats) = stats {
-        stats.write(&pmem.devices, kvm_counters)?;
+        stats.write(pmem.devices.iter().map(|d| d.stats()), kvm_counters)?;
     }
     match end {
         RunEnd::Fault(what) => Err(VmmError::GuestFault(what)),
