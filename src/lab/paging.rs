@@ -24,6 +24,7 @@
 //! ```
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use vmm::cpu::{CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME};
 
 use super::guest::{VECTORS, VECTOR_STUB};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -270,15 +271,6 @@ fn segment(index: usize) -> kvm_segment {
     vmm::cpu::decode_segment(gdt()[index], index as u16)
 }
 
-const CR0_PE: u64 = 1;
-const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 /// RFLAGS: only the always-one bit. IF stays clear: the probe takes no
 /// interrupts, only exceptions.
 pub const PROBE_RFLAGS: u64 = 0x2;

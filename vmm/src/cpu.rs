@@ -104,15 +104,16 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), CpuError> {
     Ok(())
 }
 
-const CR0_PE: u64 = 1;
-const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+// Control-register and EFER bits, for the VMM's boot state and the probe's.
+pub const CR0_PE: u64 = 1;
+pub const CR0_MP: u64 = 1 << 1;
+pub const CR0_ET: u64 = 1 << 4;
+pub const CR0_NE: u64 = 1 << 5;
+pub const CR0_WP: u64 = 1 << 16;
+pub const CR0_PG: u64 = 1 << 31;
+pub const CR4_PAE: u64 = 1 << 5;
+pub const EFER_LME: u64 = 1 << 8;
+pub const EFER_LMA: u64 = 1 << 10;
 
 /// Long mode with paging on, flat segments from the boot GDT.
 pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
