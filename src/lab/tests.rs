@@ -249,17 +249,22 @@ fn a_full_dirty_ring_loses_no_write() {
 
 /// An exception in the probe is reported with its vector and RIP, not
 /// as a triple fault (which on SVM resets the vCPU, state and all).
-#[test]
-fn a_probe_exception_is_reported_with_its_vector() {
-    let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
+/// A one-flush probe on the kernel engine, for tests that patch its code.
+fn flush_probe(dir: &mut ScratchDir, timeout: Duration) -> ProbeVm {
     require_kvm();
     let config = ProbeVmConfig {
         engine: EngineConfig::Kernel,
         backing: dir.create_file(2 << 20).unwrap(),
         region_pages: 512,
-        timeout: Duration::from_secs(20),
+        timeout,
     };
-    let vm = ProbeVm::new(&config, &[flush()]).unwrap();
+    ProbeVm::new(&config, &[flush()]).unwrap()
+}
+
+#[test]
+fn a_probe_exception_is_reported_with_its_vector() {
+    let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
+    let vm = flush_probe(&mut dir, Duration::from_secs(20));
     // ud2 as the first instruction.
     vm.patch_code(0, &[0x0f, 0x0b]);
     match vm.run() {
@@ -278,14 +283,7 @@ fn a_probe_exception_is_reported_with_its_vector() {
 #[test]
 fn a_hung_probe_is_stopped_at_its_timeout() {
     let mut dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
-    require_kvm();
-    let config = ProbeVmConfig {
-        engine: EngineConfig::Kernel,
-        backing: dir.create_file(2 << 20).unwrap(),
-        region_pages: 512,
-        timeout: Duration::from_millis(300),
-    };
-    let vm = ProbeVm::new(&config, &[flush()]).unwrap();
+    let vm = flush_probe(&mut dir, Duration::from_millis(300));
     // jmp . as the first instruction.
     vm.patch_code(0, &[0xeb, 0xfe]);
     let started = std::time::Instant::now();
