@@ -18,7 +18,7 @@ use super::dirty_log::DirtyLog;
 use super::engine::{FaultEngine, Memslot};
 use super::file_io::pwrite_all;
 use super::write_through::PmemWriteThrough;
-use super::{dirty_log, write_back, Flush, PageTracker, Run, TruncationGuard};
+use super::{dirty_log, Flush, PageTracker, Run, TruncationGuard};
 use crate::abi::magic::{HUGETLBFS_MAGIC, TMPFS_MAGIC};
 use crate::abi::mman::{MADV_POPULATE_READ, MADV_POPULATE_WRITE};
 use crate::host::HostKind;
@@ -93,16 +93,13 @@ impl MappedRuns {
         }
     }
 
-    pub fn write_back(
-        &mut self,
-        shared: &PageTracker,
-        flush: Flush<'_>,
-    ) -> io::Result<WritebackReport> {
+    pub fn write_back(&mut self, flush: Flush<'_>) -> io::Result<WritebackReport> {
         let rewrite = self.rewrite;
         #[cfg(test)]
         let mut fail = std::mem::take(&mut self.fail_next);
         let this = &*self;
-        let result = write_back(shared, &this.file, flush, |run| {
+        let tracker = flush.tracker();
+        let result = flush.write_back(&this.file, |run| {
             #[cfg(test)]
             if std::mem::take(&mut fail) {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
@@ -113,7 +110,7 @@ impl MappedRuns {
                 start_range_writeback(&this.file, run)
             }
         });
-        if result.is_err() && !rewrite && !shared.truncated() {
+        if result.is_err() && !rewrite && !tracker.truncated() {
             log::warn!("the next flush rewrites the dirty pages from guest memory, since the page cache may have dropped them");
         }
         self.rewrite = result.is_err();
@@ -125,9 +122,9 @@ impl MappedRuns {
 /// the page states (which re-arms the catch), then write back just those
 /// pages of the file.
 pub struct DirtyLogWriteback {
-    pub shared: Arc<PageTracker>,
-    pub log: Arc<dirty_log::DirtyLog>,
-    pub runs: MappedRuns,
+    tracker: Arc<PageTracker>,
+    log: Arc<dirty_log::DirtyLog>,
+    runs: MappedRuns,
 }
 
 impl Writeback for DirtyLogWriteback {
@@ -135,8 +132,8 @@ impl Writeback for DirtyLogWriteback {
         // The harvest re-arms KVM's catch; every device's lands in its own
         // states, and the flush takes ours.
         self.log.harvest()?;
-        let flush = self.shared.begin_flush(|_, _| Ok(()))?;
-        self.runs.write_back(&self.shared, flush)
+        let flush = self.tracker.begin_flush(|_, _| Ok(()))?;
+        self.runs.write_back(flush)
     }
 }
 
@@ -236,7 +233,7 @@ impl FaultEngine for KernelEngine {
     fn writeback(&self) -> io::Result<Box<dyn Writeback>> {
         Ok(match &self.log {
             Some(log) => Box::new(DirtyLogWriteback {
-                shared: self.tracker.clone(),
+                tracker: self.tracker.clone(),
                 log: log.clone(),
                 runs: MappedRuns::new(self.file.try_clone()?, self.host as *mut u8, self.size),
             }),
@@ -378,12 +375,12 @@ mod tests {
         shared.states().mark_dirty(3);
         runs.fail_next = true;
         let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
-        let err = runs.write_back(&shared, flush).unwrap_err();
+        let err = runs.write_back(flush).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO));
         assert_eq!(shared.stats("kernel").dirty_pages, 1);
 
         let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
-        assert_eq!(runs.write_back(&shared, flush).unwrap().pages, Some(1));
+        assert_eq!(runs.write_back(flush).unwrap().pages, Some(1));
         assert_eq!(&page3(&f), b"guest", "the retry must rewrite the page");
         assert_eq!(shared.stats("kernel").dirty_pages, 0);
 
@@ -391,7 +388,7 @@ mod tests {
         mem[3 * PAGE_SIZE as usize] = b'X';
         shared.states().mark_dirty(3);
         let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
-        runs.write_back(&shared, flush).unwrap();
+        runs.write_back(flush).unwrap();
         assert_eq!(&page3(&f), b"guest");
         std::fs::remove_file(path).unwrap();
     }

@@ -19,10 +19,9 @@ pub mod truncation;
 pub mod uffd;
 pub mod write_through;
 
-pub use kernel::{DirtyLogWriteback, MappedRuns};
 pub use metrics::{FaultMetrics, FaultStats};
 pub use pages::{Access, DirtySet, PageState, PageStates, Run, Transition, PAGE_SIZE};
-pub use tracker::{write_back, BackingLost, Flush, PageTracker, Written, MAX_RUN_PAGES};
+pub use tracker::{BackingLost, Flush, PageTracker, Written, MAX_RUN_PAGES};
 pub use truncation::TruncationGuard;
 
 /// Waits between retries of something the host may give back (disk space,

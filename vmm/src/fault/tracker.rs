@@ -136,7 +136,7 @@ impl PageTracker {
     }
 }
 
-impl Flush<'_> {
+impl<'a> Flush<'a> {
     pub fn set(&self) -> &DirtySet {
         &self.set
     }
@@ -174,6 +174,50 @@ impl Flush<'_> {
             }
         }
     }
+
+    /// The tracker the flush was begun on.
+    pub fn tracker(&self) -> &'a PageTracker {
+        self.tracker
+    }
+
+    /// One durable writeback of the flush's pages: `write_run` for each
+    /// run (at most [`MAX_RUN_PAGES`]), then fdatasync of `file`. On
+    /// failure the pages are dirty again and the error goes back to the
+    /// guest. The file is checked for truncation before (so nothing
+    /// re-extends it) and after (a truncation racing the I/O must not be
+    /// acknowledged as durable).
+    pub fn write_back(
+        self,
+        file: &File,
+        mut write_run: impl FnMut(Run) -> io::Result<()>,
+    ) -> io::Result<WritebackReport> {
+        let tracker = self.tracker;
+        let set = &self.set;
+        if log::log_enabled!(log::Level::Debug) {
+            let first: Vec<String> = set
+                .runs(MAX_RUN_PAGES)
+                .take(8)
+                .map(|r| format!("{}+{}", r.first, r.pages))
+                .collect();
+            log::debug!(
+                "writeback: {} dirty pages, runs from {}",
+                set.len(),
+                first.join(" ")
+            );
+        }
+        let result = (|| {
+            tracker.check_backing(file)?;
+            let mut runs = 0;
+            for run in set.runs(MAX_RUN_PAGES) {
+                write_run(run)?;
+                runs += 1;
+            }
+            file.sync_data()?;
+            tracker.check_backing(file)?;
+            Ok(Written::Durable { runs })
+        })();
+        self.finish(result)
+    }
 }
 
 impl Drop for Flush<'_> {
@@ -182,44 +226,6 @@ impl Drop for Flush<'_> {
             self.tracker.states().redirty(&self.set);
         }
     }
-}
-
-/// One durable writeback of a flush's pages: `write_run` for each run (at
-/// most [`MAX_RUN_PAGES`]), then fdatasync. On failure the pages are dirty
-/// again and the error goes back to the guest. The file is checked for
-/// truncation before (so nothing re-extends it) and after (a truncation
-/// racing the I/O must not be acknowledged as durable).
-pub fn write_back(
-    tracker: &PageTracker,
-    file: &File,
-    flush: Flush<'_>,
-    mut write_run: impl FnMut(Run) -> io::Result<()>,
-) -> io::Result<WritebackReport> {
-    let set = flush.set();
-    if log::log_enabled!(log::Level::Debug) {
-        let first: Vec<String> = set
-            .runs(MAX_RUN_PAGES)
-            .take(8)
-            .map(|r| format!("{}+{}", r.first, r.pages))
-            .collect();
-        log::debug!(
-            "writeback: {} dirty pages, runs from {}",
-            set.len(),
-            first.join(" ")
-        );
-    }
-    let result = (|| {
-        tracker.check_backing(file)?;
-        let mut runs = 0;
-        for run in set.runs(MAX_RUN_PAGES) {
-            write_run(run)?;
-            runs += 1;
-        }
-        file.sync_data()?;
-        tracker.check_backing(file)?;
-        Ok(Written::Durable { runs })
-    })();
-    flush.finish(result)
 }
 
 /// Another program shrank the backing file under the guest: the pages past
@@ -249,11 +255,12 @@ mod tests {
         }
         let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
         let mut seen = Vec::new();
-        let report = write_back(&shared, &f, flush, |r| {
-            seen.push((r.first, r.pages));
-            start_range_writeback(&f, r)
-        })
-        .unwrap();
+        let report = flush
+            .write_back(&f, |r| {
+                seen.push((r.first, r.pages));
+                start_range_writeback(&f, r)
+            })
+            .unwrap();
         assert_eq!(seen, vec![(1, 3), (10, 1)]);
         assert_eq!(report.pages, Some(4));
         let s = shared.stats("kernel");
@@ -268,7 +275,7 @@ mod tests {
         shared.states().mark_dirty(2);
         f.set_len(4 * PAGE_SIZE).unwrap();
         let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
-        let err = write_back(&shared, &f, flush, |_| Ok(())).unwrap_err();
+        let err = flush.write_back(&f, |_| Ok(())).unwrap_err();
         assert!(err.to_string().contains("truncated"), "{err}");
         assert_eq!(shared.states().state(2), Some(PageState::Dirty));
         std::fs::remove_file(path).unwrap();
@@ -283,10 +290,9 @@ mod tests {
         let shared = PageTracker::new(8 * PAGE_SIZE);
         shared.states().mark_dirty(4);
         let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
-        let err = write_back(&shared, &f, flush, |_| {
-            Err(io::Error::from_raw_os_error(libc::EIO))
-        })
-        .unwrap_err();
+        let err = flush
+            .write_back(&f, |_| Err(io::Error::from_raw_os_error(libc::EIO)))
+            .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO));
         assert_eq!(shared.states().state(4), Some(PageState::Dirty));
         assert_eq!(shared.stats("kernel").flush.pages, 0);

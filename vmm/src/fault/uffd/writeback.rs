@@ -9,7 +9,7 @@ use devices::virtio::pmem::{Writeback, WritebackReport};
 
 use super::mirror::Mirror;
 use super::policy::{protect_spans, Region};
-use crate::fault::{write_back, PageTracker, Written};
+use crate::fault::{PageTracker, Written};
 
 pub struct UffdWriteback {
     pub(super) mirror: Arc<Mirror>,
@@ -70,7 +70,7 @@ impl Writeback for UffdWriteback {
         if region.discard_writes {
             return flush.finish(Ok(Written::Discarded));
         }
-        write_back(tracker, &m.file, flush, |run| m.write_run(run))
+        flush.write_back(&m.file, |run| m.write_run(run))
     }
 }
 
