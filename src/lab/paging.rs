@@ -24,7 +24,6 @@
 //! ```
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
-use vmm::cpu::{CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME};
 
 use super::guest::{VECTORS, VECTOR_STUB};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -282,13 +281,12 @@ pub fn user_mode_sregs(mut sregs: kvm_sregs, cr3: u64) -> kvm_sregs {
     sregs.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
     sregs.idt.base = IDT_GPA;
     sregs.idt.limit = (usize::from(VECTORS) * IDT_ENTRY - 1) as u16;
-    sregs.cs = segment(GDT_USER_CODE);
-    let data = segment(GDT_USER_DATA);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    vmm::cpu::enter_long_mode(
+        &mut sregs,
+        segment(GDT_USER_CODE),
+        segment(GDT_USER_DATA),
+        cr3,
+    );
     let mut tr = segment(GDT_TSS);
     tr.selector = (GDT_TSS * 8) as u16;
     sregs.tr = tr;
@@ -296,10 +294,6 @@ pub fn user_mode_sregs(mut sregs: kvm_sregs, cr3: u64) -> kvm_sregs {
         unusable: 1,
         ..Default::default()
     };
-    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
-    sregs.cr3 = cr3;
-    sregs.cr4 = CR4_PAE;
-    sregs.efer = EFER_LME | EFER_LMA;
     sregs
 }
 
@@ -416,7 +410,9 @@ mod tests {
         assert_eq!((s.ss.selector, s.ss.dpl, s.ss.type_), (0x2b, 3, 3));
         assert_eq!((s.tr.selector, s.tr.type_, s.tr.s), (0x40, 0xb, 0));
         assert_eq!((s.tr.base, s.tr.limit), (TSS_GPA, TSS_LIMIT));
-        assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
+        // EFER.LME and EFER.LMA.
+        let long_mode = (1 << 8) | (1 << 10);
+        assert_eq!(s.efer & long_mode, long_mode);
         assert_eq!(s.cr4 & (1 << 2), 0, "CR4.TSD would fault rdtsc at CPL3");
         let r = entry_regs(CODE_GPA, PARAMS_GPA, STACK_GPA + 0x2000);
         assert_eq!(r.rflags & (1 << 9), 0, "interrupts stay off");

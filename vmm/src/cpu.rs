@@ -104,16 +104,30 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), CpuError> {
     Ok(())
 }
 
-// Control-register and EFER bits, for the VMM's boot state and the probe's.
-pub const CR0_PE: u64 = 1;
-pub const CR0_MP: u64 = 1 << 1;
-pub const CR0_ET: u64 = 1 << 4;
-pub const CR0_NE: u64 = 1 << 5;
-pub const CR0_WP: u64 = 1 << 16;
-pub const CR0_PG: u64 = 1 << 31;
-pub const CR4_PAE: u64 = 1 << 5;
-pub const EFER_LME: u64 = 1 << 8;
-pub const EFER_LMA: u64 = 1 << 10;
+const CR0_PE: u64 = 1;
+const CR0_MP: u64 = 1 << 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_WP: u64 = 1 << 16;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+/// 64-bit mode with 4-level paging rooted at `cr3`: `code` in CS, `data`
+/// in every other segment register. The VMM's boot state and the probe's.
+pub fn enter_long_mode(sregs: &mut kvm_sregs, code: kvm_segment, data: kvm_segment, cr3: u64) {
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+    sregs.cr3 = cr3;
+    sregs.cr4 = CR4_PAE;
+    sregs.efer = EFER_LME | EFER_LMA;
+}
 
 /// Long mode with paging on, flat segments from the boot GDT.
 pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
@@ -121,18 +135,13 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
-    sregs.cs = segment(CODE_INDEX);
-    let data = segment(DATA_INDEX);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    enter_long_mode(
+        &mut sregs,
+        segment(CODE_INDEX),
+        segment(DATA_INDEX),
+        PML4_ADDR,
+    );
     sregs.tr = segment(TSS_INDEX);
-    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
-    sregs.cr3 = PML4_ADDR;
-    sregs.cr4 = CR4_PAE;
-    sregs.efer = EFER_LME | EFER_LMA;
     sregs
 }
 
