@@ -99,7 +99,7 @@ fn random_writes_touch_every_page_of_the_window() {
     require_kvm();
     let backing = dir.create_file(2 << 20).unwrap();
     let config = ProbeVmConfig {
-        engine: EngineConfig::Kernel,
+        engine: EngineConfig::default(),
         backing: backing.clone(),
         region_pages: 512,
         timeout: Duration::from_secs(20),
@@ -181,7 +181,7 @@ fn a_paused_probe_resumes_where_it_stopped() {
     require_kvm();
     let backing = dir.create_file(2 << 20).unwrap();
     let config = ProbeVmConfig {
-        engine: EngineConfig::Kernel,
+        engine: EngineConfig::default(),
         backing,
         region_pages: 512,
         timeout: Duration::from_secs(20),
@@ -215,7 +215,7 @@ fn a_full_dirty_ring_loses_no_write() {
     require_kvm();
     let backing = dir.create_file(pages * 4096).unwrap();
     let config = ProbeVmConfig {
-        engine: EngineConfig::Kernel,
+        engine: EngineConfig::default(),
         backing: backing.clone(),
         region_pages: pages,
         timeout: Duration::from_secs(300),
@@ -253,7 +253,7 @@ fn a_full_dirty_ring_loses_no_write() {
 fn flush_probe(dir: &mut ScratchDir, timeout: Duration) -> ProbeVm {
     require_kvm();
     let config = ProbeVmConfig {
-        engine: EngineConfig::Kernel,
+        engine: EngineConfig::default(),
         backing: dir.create_file(2 << 20).unwrap(),
         region_pages: 512,
         timeout,

@@ -11,8 +11,8 @@ use devices::bus::Bus;
 use devices::ratelimit::LogLimiter;
 use devices::virtio::mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
 use devices::virtio::pmem::{
-    EngineConfig, FaultEngineKind, PmemBacking, PmemBackingError, PmemConfig, PmemDevice,
-    PmemError, PmemMetrics, PmemStats, ReadonlyRegion,
+    EngineConfig, PmemBacking, PmemBackingError, PmemConfig, PmemDevice, PmemError, PmemMetrics,
+    PmemStats, ReadonlyRegion,
 };
 use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -164,14 +164,17 @@ fn start_engine(
 ) -> std::io::Result<Arc<dyn FaultEngine>> {
     let tracker = PageTracker::new(backing.size());
     Ok(match config.engine {
-        EngineConfig::Kernel | EngineConfig::Prefault => Arc::new(KernelEngine::start(
-            name,
-            backing,
-            slot,
-            dirty_log,
-            config.engine == EngineConfig::Prefault,
-            tracker,
-        )?),
+        EngineConfig::Kernel(flush) | EngineConfig::Prefault(flush) => {
+            Arc::new(KernelEngine::start(
+                name,
+                backing,
+                slot,
+                dirty_log,
+                matches!(config.engine, EngineConfig::Prefault(_)),
+                flush,
+                tracker,
+            )?)
+        }
         EngineConfig::Uffd(uffd) => UffdEngine::start(
             name,
             backing.file().try_clone()?,
@@ -215,14 +218,15 @@ pub fn attach(
     }
     let sizes: Vec<u64> = backings.iter().map(PmemBacking::size).collect();
     let starts = layout::pmem_regions(memory, &sizes);
-    let dirty_log =
-        if backings.iter().zip(configs).any(|(b, c)| {
-            c.engine.kind() != FaultEngineKind::Uffd && KernelEngine::tracks_writes(b)
-        }) {
-            Some(Arc::new(DirtyLog::new(vm)?))
-        } else {
-            None
-        };
+    let dirty_log = if backings
+        .iter()
+        .zip(configs)
+        .any(|(b, c)| c.engine.logs_dirty() && KernelEngine::tracks_writes(b))
+    {
+        Some(Arc::new(DirtyLog::new(vm)?))
+    } else {
+        None
+    };
 
     let mut attached = Vec::with_capacity(backings.len());
     for (i, ((backing, start), config)) in backings.into_iter().zip(starts).zip(configs).enumerate()

@@ -2,23 +2,26 @@
 //! MAP_SHARED file itself, and its dirty log reports first writes; a flush
 //! harvests that log and writes back the dirty runs of the file.
 //! `engine=prefault` is this engine with the region populated before boot.
+//! `flush=fsync` and `flush=msync` are other VMMs' policies on the same
+//! mapping, for comparison: no dirty log, and the whole file synced.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use devices::bus::BusDevice;
 use devices::ratelimit::LogLimiter;
-use devices::virtio::pmem::{PmemBacking, Writeback, WritebackReport};
+use devices::virtio::pmem::{FlushPolicy, PmemBacking, Writeback, WritebackReport};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 
 use super::dirty_log::DirtyLog;
 use super::engine::{FaultEngine, Memslot};
 use super::file_io::pwrite_all;
 use super::write_through::PmemWriteThrough;
-use super::{dirty_log, Flush, PageTracker, Run, TruncationGuard};
+use super::{dirty_log, Flush, PageTracker, Run, TruncationGuard, Written};
 use crate::abi::magic::{HUGETLBFS_MAGIC, TMPFS_MAGIC};
 use crate::abi::mman::{MADV_POPULATE_READ, MADV_POPULATE_WRITE};
 use crate::host::HostKind;
@@ -131,9 +134,60 @@ impl Writeback for DirtyLogWriteback {
     fn writeback(&mut self) -> io::Result<WritebackReport> {
         // The harvest re-arms KVM's catch; every device's lands in its own
         // states, and the flush takes ours.
+        let started = Instant::now();
         self.log.harvest()?;
-        let flush = self.tracker.begin_flush(|_, _| Ok(()))?;
+        let harvested = started.elapsed();
+        let mut flush = self.tracker.begin_flush(|_, _| Ok(()))?;
+        flush.add_rearm(harvested);
         self.runs.write_back(flush)
+    }
+}
+
+/// Flush under a peer policy (`flush=fsync` or `flush=msync`): the whole
+/// file or mapping is synced, whatever the guest wrote. Writeback's mkclean
+/// write-protects the written pages in the host's page tables, and the MMU
+/// notifier zaps them from KVM's, which is how these VMMs catch the next
+/// write.
+pub struct WholeFileSync {
+    tracker: Arc<PageTracker>,
+    file: File,
+    host: usize,
+    size: u64,
+    policy: FlushPolicy,
+}
+
+impl WholeFileSync {
+    fn sync(&self) -> io::Result<()> {
+        self.tracker.check_backing(&self.file)?;
+        if self.policy == FlushPolicy::Msync {
+            // SAFETY: the device's own live mapping of `size` bytes; msync
+            // only writes its dirty pages back.
+            let rc = unsafe {
+                libc::msync(
+                    self.host as *mut libc::c_void,
+                    self.size as usize,
+                    libc::MS_SYNC,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        } else {
+            self.file.sync_all()?;
+        }
+        self.tracker.check_backing(&self.file)
+    }
+}
+
+impl Writeback for WholeFileSync {
+    fn writeback(&mut self) -> io::Result<WritebackReport> {
+        // Takes the pages of emulated stores (the only ones tracked): the
+        // sync covers them.
+        let mut flush = self.tracker.begin_flush(|_, _| Ok(()))?;
+        let started = Instant::now();
+        let result = self.sync();
+        flush.add_sync(started.elapsed());
+        flush.finish(result.map(|()| Written::WholeFile))
     }
 }
 
@@ -151,6 +205,9 @@ pub struct KernelEngine {
     host: usize,
     size: u64,
     readonly: bool,
+    /// The guest's writes reach the file.
+    writes_reach_file: bool,
+    flush: FlushPolicy,
     /// The file system was full when last looked at.
     full: AtomicBool,
 }
@@ -165,21 +222,26 @@ impl KernelEngine {
     }
 
     /// The engine on `backing`'s mapping, which must outlive it; `log` is
-    /// the VM's dirty log if [`Self::tracks_writes`], and `slot` the
-    /// region's memslot. `prefault` populates the whole region first.
+    /// the VM's dirty log if [`Self::tracks_writes`] and the policy is
+    /// [`FlushPolicy::DirtySet`], and `slot` the region's memslot.
+    /// `prefault` populates the whole region first.
     pub fn start(
         name: &str,
         backing: &PmemBacking,
         slot: u32,
         log: Option<&Arc<DirtyLog>>,
         prefault: bool,
+        flush: FlushPolicy,
         tracker: Arc<PageTracker>,
     ) -> io::Result<Self> {
         let path = backing.path().display().to_string();
         if prefault {
             populate(backing)?;
         }
-        let log = log.filter(|_| Self::tracks_writes(backing)).cloned();
+        let writes_reach_file = Self::tracks_writes(backing);
+        let log = log
+            .filter(|_| writes_reach_file && flush == FlushPolicy::DirtySet)
+            .cloned();
         if let Some(log) = &log {
             warn_reads_logged(name, &path, backing.file());
             log.track(slot, backing.size(), tracker.clone());
@@ -202,6 +264,8 @@ impl KernelEngine {
             host: backing.host_addr() as usize,
             size: backing.size(),
             readonly: backing.readonly(),
+            writes_reach_file,
+            flush,
             full: AtomicBool::new(false),
         })
     }
@@ -231,19 +295,28 @@ impl FaultEngine for KernelEngine {
     }
 
     fn writeback(&self) -> io::Result<Box<dyn Writeback>> {
+        if !self.writes_reach_file {
+            // Read-only, or a private mapping.
+            return Ok(Box::new(NothingToWrite));
+        }
         Ok(match &self.log {
             Some(log) => Box::new(DirtyLogWriteback {
                 tracker: self.tracker.clone(),
                 log: log.clone(),
                 runs: MappedRuns::new(self.file.try_clone()?, self.host as *mut u8, self.size),
             }),
-            // Read-only, or a private mapping: nothing reaches the file.
-            None => Box::new(NothingToWrite),
+            None => Box::new(WholeFileSync {
+                tracker: self.tracker.clone(),
+                file: self.file.try_clone()?,
+                host: self.host,
+                size: self.size,
+                policy: self.flush,
+            }),
         })
     }
 
     fn emulated_access(&self) -> io::Result<Option<Arc<Mutex<dyn BusDevice>>>> {
-        if self.log.is_none() {
+        if !self.writes_reach_file {
             return Ok(None);
         }
         Ok(Some(Arc::new(Mutex::new(PmemWriteThrough::new(

@@ -30,6 +30,8 @@ pub struct FaultMetrics {
     pub flush_pages: AtomicU64,
     pub flush_runs: AtomicU64,
     pub last_flush_pages: AtomicU64,
+    /// Time in each phase of the last flush, and in all of them.
+    flush_phases: Mutex<(FlushPhases, FlushPhases)>,
     /// Episodes of waiting for host space (ENOSPC) or KVM EFAULT retries.
     pub stalls: AtomicU64,
     service_ns: Mutex<Histogram<u64>>,
@@ -52,6 +54,7 @@ impl Default for FaultMetrics {
             flush_pages: AtomicU64::new(0),
             flush_runs: AtomicU64::new(0),
             last_flush_pages: AtomicU64::new(0),
+            flush_phases: Mutex::new(Default::default()),
             stalls: AtomicU64::new(0),
             // 10 ns .. 100 s at 3 significant digits.
             service_ns: Mutex::new(
@@ -88,10 +91,15 @@ impl FaultMetrics {
             .saturating_record(ns.max(10));
     }
 
-    pub fn record_flush(&self, pages: u64, runs: u64) {
+    pub fn record_flush(&self, pages: u64, runs: u64, phases: FlushPhases) {
         self.flush_pages.fetch_add(pages, Relaxed);
         self.flush_runs.fetch_add(runs, Relaxed);
         self.last_flush_pages.store(pages, Relaxed);
+        let mut p = self.flush_phases.lock().unwrap_or_else(|p| p.into_inner());
+        p.0 = phases;
+        p.1.rearm_ns += phases.rearm_ns;
+        p.1.write_ns += phases.write_ns;
+        p.1.sync_ns += phases.sync_ns;
     }
 
     /// `dirty_pages` and `backing_truncated` come from the page states,
@@ -113,6 +121,7 @@ impl FaultMetrics {
             }
         };
         let faults = self.populate_faults.load(Relaxed);
+        let (last_phases, phases) = *self.flush_phases.lock().unwrap_or_else(|p| p.into_inner());
         FaultStats {
             engine,
             faults: FaultCounts {
@@ -136,6 +145,8 @@ impl FaultMetrics {
                 runs: self.flush_runs.load(Relaxed),
                 last_pages: self.last_flush_pages.load(Relaxed),
                 unchanged_skipped: self.unchanged_skipped.load(Relaxed),
+                last_phases,
+                phases,
             },
             stalls: self.stalls.load(Relaxed),
             dirty_pages,
@@ -166,6 +177,22 @@ pub struct FlushCounts {
     pub last_pages: u64,
     /// Unverified dirty pages found unchanged and not written.
     pub unchanged_skipped: u64,
+    /// Where the last successful flush's time went, and all of theirs.
+    pub last_phases: FlushPhases,
+    pub phases: FlushPhases,
+}
+
+/// The phases of one flush, in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct FlushPhases {
+    /// Taking the dirty set and arming the catch of the next write: the
+    /// dirty-log harvest and re-protect, or uffd's write-protect.
+    pub rearm_ns: u64,
+    /// Getting the pages to the file: sync_file_range, or pwrite from the
+    /// mirror.
+    pub write_ns: u64,
+    /// fdatasync (or the peer policy's whole-file fsync or msync).
+    pub sync_ns: u64,
 }
 
 /// The fault-engine part of a device's `--stats` record.
@@ -195,8 +222,13 @@ mod tests {
         m.record_fault(Transition::PopulateWrite, 8, Duration::from_micros(7));
         m.record_fault(Transition::Mkwrite, 1, Duration::from_micros(50));
         m.record_fault(Transition::AlreadyDone, 0, Duration::from_nanos(1));
-        m.record_flush(10, 3);
-        m.record_flush(0, 0);
+        let phases = FlushPhases {
+            rearm_ns: 1,
+            write_ns: 2,
+            sync_ns: 3,
+        };
+        m.record_flush(10, 3, phases);
+        m.record_flush(0, 0, phases);
         let s = m.snapshot("uffd", 0, false);
         assert_eq!(s.engine, "uffd");
         assert_eq!(
@@ -216,6 +248,12 @@ mod tests {
                 runs: 3,
                 last_pages: 0,
                 unchanged_skipped: 0,
+                last_phases: phases,
+                phases: FlushPhases {
+                    rearm_ns: 2,
+                    write_ns: 4,
+                    sync_ns: 6,
+                },
             }
         );
         assert!(s.fault_service_ns.max >= 49_000, "{:?}", s.fault_service_ns);

@@ -19,7 +19,7 @@ pub mod truncation;
 pub mod uffd;
 pub mod write_through;
 
-pub use metrics::{FaultMetrics, FaultStats};
+pub use metrics::{FaultMetrics, FaultStats, FlushPhases};
 pub use pages::{Access, DirtySet, PageState, PageStates, Run, Transition, PAGE_SIZE};
 pub use tracker::{BackingLost, Flush, PageTracker, Written, MAX_RUN_PAGES};
 pub use truncation::TruncationGuard;

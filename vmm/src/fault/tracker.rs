@@ -5,10 +5,11 @@ use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use devices::virtio::pmem::WritebackReport;
 
-use super::{DirtySet, FaultMetrics, FaultStats, PageStates, Run, PAGE_SIZE};
+use super::{DirtySet, FaultMetrics, FaultStats, FlushPhases, PageStates, Run, PAGE_SIZE};
 
 /// Largest single I/O of a writeback: 2 MiB.
 pub const MAX_RUN_PAGES: u64 = 512;
@@ -95,6 +96,9 @@ impl PageTracker {
 pub enum Written {
     /// Written to the file in `runs` I/Os and made durable.
     Durable { runs: u64 },
+    /// Made durable by a sync of the whole file (a peer flush policy):
+    /// which pages that wrote is not known.
+    WholeFile,
     /// Nothing to write (read-only, discard_writes): the pages are clean
     /// and the flush counts 0 pages.
     Discarded,
@@ -109,6 +113,11 @@ pub struct Flush<'a> {
     tracker: &'a PageTracker,
     set: DirtySet,
     finished: bool,
+    phases: FlushPhases,
+}
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl PageTracker {
@@ -121,6 +130,7 @@ impl PageTracker {
         &self,
         rearm: impl FnOnce(&PageStates, &DirtySet) -> io::Result<()>,
     ) -> io::Result<Flush<'_>> {
+        let started = Instant::now();
         let mut states = self.states();
         let set = states.take_dirty();
         if let Err(e) = rearm(&states, &set) {
@@ -132,6 +142,10 @@ impl PageTracker {
             tracker: self,
             set,
             finished: false,
+            phases: FlushPhases {
+                rearm_ns: ns(started.elapsed()),
+                ..FlushPhases::default()
+            },
         })
     }
 }
@@ -155,14 +169,18 @@ impl<'a> Flush<'a> {
         match result {
             Ok(Written::Durable { runs }) => {
                 let pages = self.set.len();
-                metrics.record_flush(pages, runs);
+                metrics.record_flush(pages, runs, self.phases);
                 Ok(WritebackReport {
                     pages: Some(pages),
                     bytes: Some(pages * PAGE_SIZE),
                 })
             }
+            Ok(Written::WholeFile) => {
+                metrics.record_flush(0, 0, self.phases);
+                Ok(WritebackReport::default())
+            }
             Ok(Written::Discarded) => {
-                metrics.record_flush(0, 0);
+                metrics.record_flush(0, 0, self.phases);
                 Ok(WritebackReport {
                     pages: Some(0),
                     bytes: Some(0),
@@ -173,6 +191,18 @@ impl<'a> Flush<'a> {
                 Err(e)
             }
         }
+    }
+
+    /// Counts `took` (an engine's harvest before [`PageTracker::begin_flush`])
+    /// as re-arming time.
+    pub fn add_rearm(&mut self, took: Duration) {
+        self.phases.rearm_ns += ns(took);
+    }
+
+    /// Counts `took` as the sync phase (for a flush finished without
+    /// [`Self::write_back`]).
+    pub fn add_sync(&mut self, took: Duration) {
+        self.phases.sync_ns += ns(took);
     }
 
     /// The tracker the flush was begun on.
@@ -187,7 +217,7 @@ impl<'a> Flush<'a> {
     /// re-extends it) and after (a truncation racing the I/O must not be
     /// acknowledged as durable).
     pub fn write_back(
-        self,
+        mut self,
         file: &File,
         mut write_run: impl FnMut(Run) -> io::Result<()>,
     ) -> io::Result<WritebackReport> {
@@ -205,14 +235,19 @@ impl<'a> Flush<'a> {
                 first.join(" ")
             );
         }
+        let phases = &mut self.phases;
         let result = (|| {
             tracker.check_backing(file)?;
+            let started = Instant::now();
             let mut runs = 0;
             for run in set.runs(MAX_RUN_PAGES) {
                 write_run(run)?;
                 runs += 1;
             }
+            let written = Instant::now();
+            phases.write_ns = ns(written - started);
             file.sync_data()?;
+            phases.sync_ns = ns(written.elapsed());
             tracker.check_backing(file)?;
             Ok(Written::Durable { runs })
         })();

@@ -14,7 +14,8 @@ use crate::size::{parse_size, SizeError};
 /// (and the guest-physical start) must be multiples of this.
 pub const PMEM_ALIGN: u64 = 2 << 20;
 
-/// Parsed value of `--pmem file=PATH[,size=SIZE][,readonly=on|off][,discard_writes=on|off]`.
+/// Parsed value of `--pmem file=PATH[,size=SIZE][,readonly=on|off][,discard_writes=on|off]`
+/// `[,engine=kernel|uffd|prefault][,flush=dirty|fsync|msync][,populate=N][,poll_us=N]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PmemConfig {
     /// Backing file. Commas cannot appear in it (they separate options).
@@ -30,12 +31,55 @@ pub struct PmemConfig {
 }
 
 /// `engine=`, with the options only that engine takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineConfig {
-    #[default]
-    Kernel,
-    Prefault,
+    Kernel(FlushPolicy),
+    Prefault(FlushPolicy),
     Uffd(UffdConfig),
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self::Kernel(FlushPolicy::DirtySet)
+    }
+}
+
+/// `flush=`, for the kernel and prefault engines: what a flush request
+/// writes back. Only `dirty` is pmemvm's design; the others are what other
+/// VMMs do, so that the same guest can be measured under their policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FlushPolicy {
+    /// Exactly the pages KVM's dirty log saw written since the last flush.
+    #[default]
+    DirtySet,
+    /// fsync of the whole file, with no dirty logging (QEMU, Cloud Hypervisor).
+    Fsync,
+    /// msync(MS_SYNC) of the whole mapping, with no dirty logging (crosvm,
+    /// Firecracker).
+    Msync,
+}
+
+impl FlushPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::DirtySet => "dirty",
+            Self::Fsync => "fsync",
+            Self::Msync => "msync",
+        }
+    }
+}
+
+impl FromStr for FlushPolicy {
+    type Err = PmemConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "dirty" => Ok(Self::DirtySet),
+            "fsync" => Ok(Self::Fsync),
+            "msync" => Ok(Self::Msync),
+            _ => Err(PmemConfigError::BadFlush(s.to_string())),
+        }
+    }
 }
 
 /// `populate=` and `poll_us=`, for `engine=uffd` only.
@@ -62,18 +106,33 @@ impl EngineConfig {
     /// The engine `kind` with its default options.
     pub fn with_defaults(kind: FaultEngineKind) -> Self {
         match kind {
-            FaultEngineKind::Kernel => Self::Kernel,
-            FaultEngineKind::Prefault => Self::Prefault,
+            FaultEngineKind::Kernel => Self::Kernel(FlushPolicy::DirtySet),
+            FaultEngineKind::Prefault => Self::Prefault(FlushPolicy::DirtySet),
             FaultEngineKind::Uffd => Self::Uffd(UffdConfig::default()),
         }
     }
 
     pub fn kind(&self) -> FaultEngineKind {
         match self {
-            Self::Kernel => FaultEngineKind::Kernel,
-            Self::Prefault => FaultEngineKind::Prefault,
+            Self::Kernel(_) => FaultEngineKind::Kernel,
+            Self::Prefault(_) => FaultEngineKind::Prefault,
             Self::Uffd(_) => FaultEngineKind::Uffd,
         }
+    }
+
+    pub fn flush_policy(&self) -> FlushPolicy {
+        match self {
+            Self::Kernel(p) | Self::Prefault(p) => *p,
+            Self::Uffd(_) => FlushPolicy::DirtySet,
+        }
+    }
+
+    /// Whether the engine needs KVM's dirty log.
+    pub fn logs_dirty(&self) -> bool {
+        matches!(
+            self,
+            Self::Kernel(FlushPolicy::DirtySet) | Self::Prefault(FlushPolicy::DirtySet)
+        )
     }
 
     pub fn name(&self) -> &'static str {
@@ -130,7 +189,7 @@ pub enum PmemConfigError {
     MissingFile,
     #[error("--pmem option `{0}` is not of the form key=value")]
     NotKeyValue(String),
-    #[error("--pmem option `{0}` is unknown (expected file, size, readonly, discard_writes, engine, populate, poll_us)")]
+    #[error("--pmem option `{0}` is unknown (expected file, size, readonly, discard_writes, engine, flush, populate, poll_us)")]
     UnknownKey(String),
     #[error("--pmem option `{0}` is given twice")]
     DuplicateKey(String),
@@ -148,6 +207,10 @@ pub enum PmemConfigError {
     BadPollUs(String),
     #[error("--pmem {0}= only applies to engine=uffd")]
     UffdOnly(&'static str),
+    #[error("--pmem flush={0}: expected dirty, fsync or msync")]
+    BadFlush(String),
+    #[error("--pmem flush= only applies to engine=kernel and engine=prefault")]
+    KernelOnly,
     #[error("--pmem readonly=on and discard_writes=on contradict each other: drop one of them")]
     ReadonlyAndDiscard,
 }
@@ -172,6 +235,7 @@ impl FromStr for PmemConfig {
         let mut readonly = None;
         let mut discard_writes = None;
         let mut engine = None;
+        let mut flush = None;
         let mut populate = None;
         let mut poll_us = None;
         for part in s.split(',') {
@@ -184,6 +248,7 @@ impl FromStr for PmemConfig {
                 "readonly" => readonly.replace(parse_switch(key, value)?).is_some(),
                 "discard_writes" => discard_writes.replace(parse_switch(key, value)?).is_some(),
                 "engine" => engine.replace(value.parse()?).is_some(),
+                "flush" => flush.replace(value.parse::<FlushPolicy>()?).is_some(),
                 "populate" => populate
                     .replace(
                         value
@@ -213,13 +278,15 @@ impl FromStr for PmemConfig {
             return Err(PmemConfigError::EmptyPath);
         }
         let engine = match engine.unwrap_or_default() {
+            FaultEngineKind::Uffd if flush.is_some() => return Err(PmemConfigError::KernelOnly),
             FaultEngineKind::Uffd => EngineConfig::Uffd(UffdConfig {
                 populate: populate.unwrap_or(DEFAULT_POPULATE),
                 poll_us: poll_us.unwrap_or(0),
             }),
             _ if populate.is_some() => return Err(PmemConfigError::UffdOnly("populate")),
             _ if poll_us.is_some() => return Err(PmemConfigError::UffdOnly("poll_us")),
-            kind => EngineConfig::with_defaults(kind),
+            FaultEngineKind::Kernel => EngineConfig::Kernel(flush.unwrap_or_default()),
+            FaultEngineKind::Prefault => EngineConfig::Prefault(flush.unwrap_or_default()),
         };
         let config = PmemConfig {
             path,
@@ -553,7 +620,7 @@ pub(crate) mod tests {
                 size: Some(64 * MIB),
                 readonly: false,
                 discard_writes: true,
-                engine: EngineConfig::Kernel,
+                engine: EngineConfig::default(),
             }
         );
         let c: PmemConfig = "readonly=on,file=x".parse().unwrap();
@@ -581,8 +648,14 @@ pub(crate) mod tests {
             })
         );
         let c: PmemConfig = "file=x,engine=prefault".parse().unwrap();
-        assert_eq!(c.engine, EngineConfig::Prefault);
+        assert_eq!(c.engine, EngineConfig::Prefault(FlushPolicy::DirtySet));
         assert_eq!(c.engine.kind(), FaultEngineKind::Prefault);
+        assert!(c.engine.logs_dirty());
+        let c: PmemConfig = "file=x,flush=fsync".parse().unwrap();
+        assert_eq!(c.engine, EngineConfig::Kernel(FlushPolicy::Fsync));
+        assert!(!c.engine.logs_dirty());
+        let c: PmemConfig = "file=x,engine=prefault,flush=msync".parse().unwrap();
+        assert_eq!(c.engine, EngineConfig::Prefault(FlushPolicy::Msync));
         let err = |s: &str| s.parse::<PmemConfig>().unwrap_err();
         assert_eq!(
             err("file=x,engine=ept"),
@@ -608,6 +681,14 @@ pub(crate) mod tests {
                 PmemConfigError::BadPollUs(bad.into())
             );
         }
+        assert_eq!(
+            err("file=x,flush=all"),
+            PmemConfigError::BadFlush("all".into())
+        );
+        assert_eq!(
+            err("file=x,engine=uffd,flush=fsync"),
+            PmemConfigError::KernelOnly
+        );
         assert_eq!(
             err("file=x,engine=uffd,engine=kernel"),
             PmemConfigError::DuplicateKey("engine".into())
@@ -741,7 +822,7 @@ pub(crate) mod tests {
             size: Some(2 * MIB),
             readonly: true,
             discard_writes: true,
-            engine: EngineConfig::Kernel,
+            engine: EngineConfig::default(),
         };
         assert!(matches!(
             PmemBacking::open(&c),

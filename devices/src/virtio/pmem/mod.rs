@@ -17,9 +17,9 @@ mod metrics;
 mod readonly;
 
 pub use backing::{
-    EngineConfig, FaultEngineKind, PmemBacking, PmemBackingError, PmemConfig, PmemConfigError,
-    UffdConfig, Writeback, WritebackReport, DEFAULT_POPULATE, MAX_POLL_US, MAX_POPULATE,
-    PMEM_ALIGN,
+    EngineConfig, FaultEngineKind, FlushPolicy, PmemBacking, PmemBackingError, PmemConfig,
+    PmemConfigError, UffdConfig, Writeback, WritebackReport, DEFAULT_POPULATE, MAX_POLL_US,
+    MAX_POPULATE, PMEM_ALIGN,
 };
 pub use device::{
     PmemDevice, PmemError, QUEUE_SIZE, VIRTIO_PMEM_REQ_TYPE_FLUSH, VIRTIO_PMEM_RESP_EIO,
