@@ -77,13 +77,16 @@ $(addprefix bench-,$(BENCHES)): bench-%: guest build
 	cargo bench --bench bench_$(subst -,_,$*)
 
 # Flush requests timed end to end in the probe guest (guest request to
-# guest completion), per engine, beside host fdatasync/fsync/msync.
+# guest completion), per engine and peer policy, beside host
+# fdatasync/fsync/msync; then the same across region sizes.
 # Raw figures and their figures (pmemvm report) go to target/bench/.
 bench-flush: build
 	mkdir -p target/bench
 	$(PMEMVM) bench flush --dirty 0,1,64,4096 --layout contiguous --json target/bench/flush.json
 	$(PMEMVM) report target/bench/flush.json --svg target/bench/flush.svg >/dev/null
 	$(PMEMVM) bench flush --dirty 64 --layout scattered --json target/bench/flush-scattered.json
+	$(PMEMVM) bench flush --dirty 1,64 --region 16M,256M,1G,4G --backing sparse --repeat 3 --json target/bench/flush-regions.json
+	$(PMEMVM) report target/bench/flush-regions.json --svg target/bench/flush-regions.svg >/dev/null
 
 # First-touch, mkwrite and re-dirty costs per engine in the probe guest.
 bench-faults: build

@@ -63,9 +63,12 @@ enum BenchCommand {
 
 #[derive(clap::Args)]
 struct BenchCommonArgs {
-    /// Fault engines to compare, side by side.
-    #[arg(long, value_delimiter = ',', default_value = "kernel,uffd,prefault")]
-    engine: Vec<devices::virtio::pmem::FaultEngineKind>,
+    /// Fault engines to compare, side by side: kernel, uffd, prefault, and
+    /// the peers peer-fsync (QEMU, Cloud Hypervisor) and peer-msync
+    /// (crosvm, Firecracker): the kernel engine's mapping flushed as they
+    /// do (default: the engines for faults; engines and peers for flush).
+    #[arg(long, value_delimiter = ',')]
+    engine: Vec<lab::ProbeCase>,
     /// Pages the uffd engine inserts per fault.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=512))]
     populate: Option<u16>,
@@ -101,7 +104,8 @@ struct BenchFaultsArgs {
     /// Pages per op and run.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=262144))]
     pages: u64,
-    /// Fresh probe VMs per engine, interleaved across engines.
+    /// Fresh probe VMs per engine, interleaved across engines; with 3 or
+    /// more, each row shows the spread of the per-repeat p50s.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     repeat: u32,
     /// Seed of the random page order.
@@ -124,11 +128,17 @@ struct BenchFlushArgs {
     )]
     layout: lab::FlushLayout,
     /// The pmem region: bytes or K/M/G, a multiple of 2 MiB (default: the
-    /// least the dirty counts and layout need, at least 16 MiB).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    region: Option<u64>,
-    /// Measured flushes per dirty count (after one warm-up round).
+    /// least the dirty counts and layout need, at least 16 MiB). A list
+    /// (16M,256M,1G,4G) runs each size in turn; over 1 GiB needs
+    /// --backing sparse.
+    #[arg(long, value_name = "SIZE[,SIZE...]", value_delimiter = ',', value_parser = parse_size)]
+    region: Vec<u64>,
+    /// Measured flushes per dirty count in each VM (after one warm-up round).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=200))]
+    rounds: u32,
+    /// Fresh VMs and files per case; with 3 or more, each row shows the
+    /// spread of the per-repeat p50s.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     repeat: u32,
 }
 
@@ -196,10 +206,14 @@ fn bench(what: BenchCommand) -> ExitCode {
 }
 
 fn run_bench(what: BenchCommand) -> Result<(), lab::ProbeError> {
-    let (table, json) = match what {
+    let (table, json, failure) = match what {
         BenchCommand::Faults(a) => {
             let report = lab::run_faults(&lab::FaultBenchConfig {
-                engines: a.common.engine,
+                engines: if a.common.engine.is_empty() {
+                    lab::ProbeCase::ENGINES.to_vec()
+                } else {
+                    a.common.engine
+                },
                 ops: if a.op.is_empty() {
                     lab::FaultOp::ALL.to_vec()
                 } else {
@@ -220,34 +234,43 @@ fn run_bench(what: BenchCommand) -> Result<(), lab::ProbeError> {
             if let Some(path) = &a.common.json {
                 report.write_json(path)?;
             }
-            (report.table(), a.common.json)
+            (report.table(), a.common.json, report.failure())
         }
         BenchCommand::Flush(a) => {
+            let defaults = lab::FlushBenchConfig::default();
             let report = lab::run_flush(&lab::FlushBenchConfig {
-                engines: a.common.engine,
+                cases: if a.common.engine.is_empty() {
+                    defaults.cases
+                } else {
+                    a.common.engine
+                },
                 dirty: a.dirty,
                 layout: a.layout,
-                region: a.region,
+                regions: a.region,
                 uffd: lab::UffdOptions {
                     populate: a.common.populate,
                     poll_us: a.common.poll_us,
                 },
                 backing: a.common.backing,
                 dir: a.common.dir,
+                rounds: a.rounds,
                 repeat: a.repeat,
                 progress: true,
             })?;
             if let Some(path) = &a.common.json {
                 report.write_json(path)?;
             }
-            (report.table(), a.common.json)
+            (report.table(), a.common.json, report.failure())
         }
     };
     print!("{table}");
     if let Some(path) = json {
         eprintln!("raw figures written to {}", path.display());
     }
-    Ok(())
+    match failure {
+        Some(failure) => Err(lab::ProbeError::ChecksFailed(failure)),
+        None => Ok(()),
+    }
 }
 
 /// Prints a bench JSON's summary and draws it if asked.

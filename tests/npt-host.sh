@@ -50,7 +50,7 @@ for s in "${suites[@]}"; do
     probe) cmd=("$(bin pmemvm)" "${serial[@]}") ;;
     stock_kernel) cmd=("$(bin stock_kernel)" --nocapture) ;;
     bench_faults) cmd=("$pmemvm" bench faults --pages 256 --repeat 1) ;;
-    bench_flush) cmd=("$pmemvm" bench flush --dirty 0,1,64 --repeat 3) ;;
+    bench_flush) cmd=("$pmemvm" bench flush --dirty 0,1,64 --rounds 3 --repeat 3) ;;
     *) echo "npt-host.sh: unknown suite '$s' (known: ${suites[*]})" >&2; exit 2 ;;
     esac
     echo "=== npt-host: $s: ${cmd[*]}" >&2

@@ -27,13 +27,14 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use devices::virtio::pmem::{EngineConfig, FaultEngineKind};
+use devices::virtio::pmem::{EngineConfig, FaultEngineKind, FlushPolicy};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::backing::{BackingKind, ScratchDir};
 use super::guest::{PageOrder, StepOp, StepSpec};
-use super::host_flush::{HostFlushFile, HostSyncMethod};
+
+use super::checks::Check;
 use super::vm::{ProbeRun, ProbeVm, ProbeVmConfig, StepResult};
 use super::ProbeError;
 use vmm::host::HostKind;
@@ -114,6 +115,87 @@ impl FromStr for FaultOp {
             _ => Err(ProbeError::Config(format!(
                 "--op {s}: expected read, write, read-write or write-flush-write"
             ))),
+        }
+    }
+}
+
+/// What one probe VM runs: one of pmemvm's engines, or another VMM's flush
+/// policy on the kernel engine's mapping (the fair peer: the same guest
+/// mapping and the same dirtied pages, flushed as QEMU or crosvm would).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeCase {
+    Engine(FaultEngineKind),
+    Peer(FlushPolicy),
+}
+
+impl ProbeCase {
+    pub const ENGINES: [ProbeCase; 3] = [
+        Self::Engine(FaultEngineKind::Kernel),
+        Self::Engine(FaultEngineKind::Uffd),
+        Self::Engine(FaultEngineKind::Prefault),
+    ];
+    pub const PEERS: [ProbeCase; 2] = [
+        Self::Peer(FlushPolicy::Fsync),
+        Self::Peer(FlushPolicy::Msync),
+    ];
+
+    /// `--engine` and the JSON's `engine`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Engine(e) => e.name(),
+            Self::Peer(FlushPolicy::Fsync) => "peer-fsync",
+            Self::Peer(FlushPolicy::Msync) => "peer-msync",
+            Self::Peer(FlushPolicy::DirtySet) => "kernel",
+        }
+    }
+
+    /// The flush table's case.
+    pub fn label(self) -> String {
+        match self {
+            Self::Engine(e) => format!("probe {}", e.name()),
+            Self::Peer(FlushPolicy::Fsync) => "peer fsync (QEMU, CH)".into(),
+            Self::Peer(FlushPolicy::Msync) => "peer msync (crosvm, FC)".into(),
+            Self::Peer(FlushPolicy::DirtySet) => "probe kernel".into(),
+        }
+    }
+
+    pub fn is_peer(self) -> bool {
+        matches!(self, Self::Peer(_))
+    }
+
+    /// Whether its flush writes exactly the dirty set, and says how many
+    /// pages that was.
+    pub fn counts_written_pages(self) -> bool {
+        !self.is_peer()
+    }
+
+    fn engine_config(self, uffd: UffdOptions) -> EngineConfig {
+        match self {
+            Self::Engine(kind) => {
+                let mut config = EngineConfig::with_defaults(kind);
+                if let EngineConfig::Uffd(options) = &mut config {
+                    options.populate = uffd.populate.unwrap_or(options.populate);
+                    options.poll_us = uffd.poll_us.unwrap_or(options.poll_us);
+                }
+                config
+            }
+            Self::Peer(policy) => EngineConfig::Kernel(policy),
+        }
+    }
+}
+
+impl FromStr for ProbeCase {
+    type Err = ProbeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "peer-fsync" => Ok(Self::Peer(FlushPolicy::Fsync)),
+            "peer-msync" => Ok(Self::Peer(FlushPolicy::Msync)),
+            _ => s.parse::<FaultEngineKind>().map(Self::Engine).map_err(|_| {
+                ProbeError::Config(format!(
+                    "--engine {s}: expected kernel, uffd, prefault, peer-fsync or peer-msync"
+                ))
+            }),
         }
     }
 }
@@ -235,7 +317,7 @@ pub struct UffdOptions {
 
 #[derive(Debug, Clone)]
 pub struct FaultBenchConfig {
-    pub engines: Vec<FaultEngineKind>,
+    pub engines: Vec<ProbeCase>,
     pub ops: Vec<FaultOp>,
     pub pattern: PagePattern,
     /// Pages per op and run.
@@ -253,11 +335,7 @@ pub struct FaultBenchConfig {
 impl Default for FaultBenchConfig {
     fn default() -> Self {
         Self {
-            engines: vec![
-                FaultEngineKind::Kernel,
-                FaultEngineKind::Uffd,
-                FaultEngineKind::Prefault,
-            ],
+            engines: ProbeCase::ENGINES.to_vec(),
             ops: FaultOp::ALL.to_vec(),
             pattern: PagePattern::Sequential,
             pages: 4096,
@@ -284,7 +362,7 @@ pub struct LatencySummary {
 impl LatencySummary {
     // The histogram bounds are constants; they cannot fail at run time.
     #[allow(clippy::expect_used)]
-    fn from_ns(ns: &[f64]) -> Self {
+    pub fn from_ns(ns: &[f64]) -> Self {
         let mut h = Histogram::<u64>::new_with_bounds(1, 1_000_000_000_000, 3)
             .expect("constant histogram bounds are valid");
         for &v in ns {
@@ -314,6 +392,61 @@ impl LatencySummary {
     }
 }
 
+/// How much a row's p50 moved between repeats (fresh VMs), shown when
+/// there are at least [`Spread::MIN_REPEATS`].
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
+pub struct Spread {
+    /// The median of the per-repeat p50s.
+    pub median_p50_ns: u64,
+    pub min_p50_ns: u64,
+    pub max_p50_ns: u64,
+    /// (max - min) / median, in percent.
+    pub percent: f64,
+}
+
+impl Spread {
+    pub const MIN_REPEATS: usize = 3;
+    /// Rows that moved more than this are flagged.
+    pub const FLAG_PERCENT: f64 = 10.0;
+
+    pub fn of(p50s: &[u64]) -> Option<Self> {
+        if p50s.len() < Self::MIN_REPEATS {
+            return None;
+        }
+        let mut v = p50s.to_vec();
+        v.sort_unstable();
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2
+        };
+        let (min, max) = (v[0], v[n - 1]);
+        Some(Self {
+            median_p50_ns: median,
+            min_p50_ns: min,
+            max_p50_ns: max,
+            percent: if median == 0 {
+                0.0
+            } else {
+                (max - min) as f64 * 100.0 / median as f64
+            },
+        })
+    }
+
+    pub fn flagged(&self) -> bool {
+        self.percent > Self::FLAG_PERCENT
+    }
+
+    /// The table's column: "12.3%", with a "!" when flagged.
+    pub fn cell(spread: Option<&Self>) -> String {
+        spread.map_or_else(
+            || "-".into(),
+            |s| format!("{:.1}%{}", s.percent, if s.flagged() { "!" } else { "" }),
+        )
+    }
+}
+
 /// One row of the faults table.
 #[derive(Debug, Clone, Serialize)]
 pub struct FaultSummaryRow {
@@ -326,6 +459,9 @@ pub struct FaultSummaryRow {
     /// KVM statistic deltas divided by the samples (per page, or per
     /// request for flushes), less what a step boundary alone costs.
     pub kvm_per_sample: BTreeMap<String, f64>,
+    /// Each repeat's p50.
+    pub repeat_p50_ns: Vec<u64>,
+    pub spread: Option<Spread>,
 }
 
 /// One step of one run, raw.
@@ -352,6 +488,7 @@ pub struct StepRecord {
 pub struct RunRecord {
     pub engine: &'static str,
     pub repeat: u32,
+    pub region_pages: u64,
     pub tsc_khz: u32,
     pub setup_us: f64,
     pub efault_retries: u64,
@@ -360,10 +497,17 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
-    fn new(run: &ProbeRun, repeat: u32, events: &[Option<FaultEvent>]) -> Self {
+    pub(super) fn new(
+        case: ProbeCase,
+        run: &ProbeRun,
+        repeat: u32,
+        region_pages: u64,
+        events: &[Option<FaultEvent>],
+    ) -> Self {
         Self {
-            engine: run.engine.name(),
+            engine: case.name(),
             repeat,
+            region_pages,
             tsc_khz: run.tsc_khz,
             setup_us: run.setup.as_secs_f64() * 1e6,
             efault_retries: run.efault_retries,
@@ -377,7 +521,7 @@ impl RunRecord {
         }
     }
 
-    fn ns(&self, step: &StepRecord) -> impl Iterator<Item = f64> + '_ {
+    pub(super) fn ns(&self, step: &StepRecord) -> impl Iterator<Item = f64> + '_ {
         let khz = f64::from(self.tsc_khz);
         step.ticks
             .clone()
@@ -431,7 +575,7 @@ pub struct HostRecord {
 }
 
 impl HostRecord {
-    fn detect() -> Self {
+    pub(super) fn detect() -> Self {
         Self {
             kind: HostKind::detect().describe(),
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -448,6 +592,7 @@ pub struct FaultBenchReport {
     pub config: FaultBenchConfigRecord,
     pub host: HostRecord,
     pub summary: Vec<FaultSummaryRow>,
+    pub checks: Vec<Check>,
     pub skipped_engines: Vec<SkippedEngine>,
     pub runs: Vec<RunRecord>,
 }
@@ -470,9 +615,9 @@ fn probe_timeout(samples: u64) -> Duration {
 
 /// Builds a probe VM with a fresh backing file (unlinked once mapped);
 /// `Ok(Err(reason))` when the engine is not available.
-fn build_probe(
+pub(super) fn build_probe(
     scratch: &mut ScratchDir,
-    engine: FaultEngineKind,
+    case: ProbeCase,
     uffd: UffdOptions,
     region_pages: u64,
     steps: &[StepSpec],
@@ -480,13 +625,8 @@ fn build_probe(
     let region_pages = region_pages.max(1).div_ceil(512) * 512;
     let backing = scratch.create_file(region_pages * super::paging::PAGE)?;
     let samples = steps.iter().map(|s| s.count).sum();
-    let mut engine_config = EngineConfig::with_defaults(engine);
-    if let EngineConfig::Uffd(options) = &mut engine_config {
-        options.populate = uffd.populate.unwrap_or(options.populate);
-        options.poll_us = uffd.poll_us.unwrap_or(options.poll_us);
-    }
     let config = ProbeVmConfig {
-        engine: engine_config,
+        engine: case.engine_config(uffd),
         backing: backing.clone(),
         region_pages,
         timeout: probe_timeout(samples),
@@ -505,12 +645,12 @@ fn build_probe(
 /// Runs one probe VM with a fresh backing file to its end.
 fn run_probe(
     scratch: &mut ScratchDir,
-    engine: FaultEngineKind,
+    case: ProbeCase,
     uffd: UffdOptions,
     region_pages: u64,
     steps: &[StepSpec],
 ) -> Result<Result<ProbeRun, String>, ProbeError> {
-    match build_probe(scratch, engine, uffd, region_pages, steps)? {
+    match build_probe(scratch, case, uffd, region_pages, steps)? {
         Ok(vm) => vm.run().map(Ok),
         Err(reason) => Ok(Err(reason)),
     }
@@ -580,7 +720,7 @@ pub fn run_faults(config: &FaultBenchConfig) -> Result<FaultBenchReport, ProbeEr
                             started.elapsed().as_secs_f64()
                         );
                     }
-                    runs.push(RunRecord::new(&run, repeat, &events));
+                    runs.push(RunRecord::new(engine, &run, repeat, region_pages, &events));
                     i += 1;
                 }
                 Err(reason) => {
@@ -597,6 +737,11 @@ pub fn run_faults(config: &FaultBenchConfig) -> Result<FaultBenchReport, ProbeEr
         }
     }
     let summary = summarize_faults(&engines, &runs);
+    // tmpfs maps shared pages writable on a read, and with EPT/NPT KVM
+    // then logs the read as a write.
+    let reads_dirty =
+        config.backing == BackingKind::Tmpfs && HostKind::detect() == HostKind::Hardware;
+    let checks = super::checks::fault_checks(&summary, &runs, reads_dirty);
     Ok(FaultBenchReport {
         bench: "faults",
         config: FaultBenchConfigRecord {
@@ -611,15 +756,17 @@ pub fn run_faults(config: &FaultBenchConfig) -> Result<FaultBenchReport, ProbeEr
         },
         host: HostRecord::detect(),
         summary,
+        checks,
         skipped_engines: skipped,
         runs,
     })
 }
 
-fn summarize_faults(engines: &[FaultEngineKind], runs: &[RunRecord]) -> Vec<FaultSummaryRow> {
+fn summarize_faults(engines: &[ProbeCase], runs: &[RunRecord]) -> Vec<FaultSummaryRow> {
     let mut rows = Vec::new();
     for engine in engines {
-        let mut by_event: BTreeMap<FaultEvent, (Vec<f64>, BTreeMap<String, i64>)> = BTreeMap::new();
+        type Samples = (Vec<f64>, BTreeMap<String, i64>, BTreeMap<u32, Vec<f64>>);
+        let mut by_event: BTreeMap<FaultEvent, Samples> = BTreeMap::new();
         for run in runs.iter().filter(|r| r.engine == engine.name()) {
             let boundary: BTreeMap<&String, i64> = run
                 .steps
@@ -635,15 +782,23 @@ fn summarize_faults(engines: &[FaultEngineKind], runs: &[RunRecord]) -> Vec<Faul
                 .unwrap_or_default();
             for step in &run.steps {
                 let Some(event) = step.event else { continue };
-                let (ns, kvm) = by_event.entry(event).or_default();
+                let (ns, kvm, per_repeat) = by_event.entry(event).or_default();
                 ns.extend(run.ns(step));
+                per_repeat
+                    .entry(run.repeat)
+                    .or_default()
+                    .extend(run.ns(step));
                 for (k, v) in step.kvm_vcpu.iter().chain(&step.kvm_vm) {
                     *kvm.entry(k.clone()).or_default() += v - boundary.get(k).copied().unwrap_or(0);
                 }
             }
         }
-        for (event, (ns, kvm)) in by_event {
+        for (event, (ns, kvm, per_repeat)) in by_event {
             let latency = LatencySummary::from_ns(&ns);
+            let repeat_p50_ns: Vec<u64> = per_repeat
+                .values()
+                .map(|ns| LatencySummary::from_ns(ns).p50_ns)
+                .collect();
             let n = latency.samples.max(1) as f64;
             rows.push(FaultSummaryRow {
                 engine: engine.name(),
@@ -655,13 +810,15 @@ fn summarize_faults(engines: &[FaultEngineKind], runs: &[RunRecord]) -> Vec<Faul
                 },
                 latency,
                 kvm_per_sample: kvm.into_iter().map(|(k, v)| (k, v as f64 / n)).collect(),
+                spread: Spread::of(&repeat_p50_ns),
+                repeat_p50_ns,
             });
         }
     }
     rows
 }
 
-fn write_json(path: &Path, value: &impl Serialize) -> Result<(), ProbeError> {
+pub(super) fn write_json(path: &Path, value: &impl Serialize) -> Result<(), ProbeError> {
     let err = |source| ProbeError::Json {
         path: path.display().to_string(),
         source,
@@ -674,63 +831,34 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<(), ProbeError> {
 /// The lines of the printed tables, shared by the benches and by
 /// `pmemvm report`, which rebuilds them from the JSON.
 pub mod table {
-    use super::{fmt_ns, fmt_rate, LatencySummary};
+    use super::{fmt_ns, fmt_rate, LatencySummary, Spread};
 
     pub fn fault_header() -> String {
         format!(
-            "{:<9} {:<27} {:>8} {:>10} {:>10} {:>10} {:>9}",
-            "engine", "event", "samples", "p50", "p99", "mean", "per s"
+            "{:<10} {:<27} {:>8} {:>10} {:>10} {:>10} {:>9} {:>10} {:>7}",
+            "engine", "event", "samples", "p50", "p99", "mean", "per s", "med p50", "spread"
         )
     }
 
-    pub fn fault_row(engine: &str, event: &str, l: &LatencySummary, per_second: f64) -> String {
+    /// `spread`: of the per-repeat p50s, when there are enough repeats.
+    pub fn fault_row(
+        engine: &str,
+        event: &str,
+        l: &LatencySummary,
+        per_second: f64,
+        spread: Option<&Spread>,
+    ) -> String {
         format!(
-            "{:<9} {:<27} {:>8} {:>10} {:>10} {:>10} {:>9}",
+            "{:<10} {:<27} {:>8} {:>10} {:>10} {:>10} {:>9} {:>10} {:>7}",
             engine,
             event,
             l.samples,
             fmt_ns(l.p50_ns as f64),
             fmt_ns(l.p99_ns as f64),
             fmt_ns(l.mean_ns),
-            fmt_rate(per_second)
-        )
-    }
-
-    /// The flush table: header and one line per row.
-    pub fn flush_rows<'a>(
-        rows: impl IntoIterator<Item = (u64, &'a str, &'a LatencySummary, Option<f64>, Option<u64>)>,
-    ) -> String {
-        let mut out = flush_header();
-        for (dirty, case, l, vs, wb) in rows {
-            out.push('\n');
-            out.push_str(&flush_row(dirty, case, l, vs, wb));
-        }
-        out
-    }
-
-    fn flush_header() -> String {
-        format!(
-            "{:>6} {:<26} {:>10} {:>10} {:>10} {:>11} {:>9}",
-            "dirty", "case", "p50 us", "p99 us", "mean us", "x fdatasync", "wb pages"
-        )
-    }
-
-    fn flush_row(
-        dirty: u64,
-        case: &str,
-        l: &LatencySummary,
-        vs_fdatasync: Option<f64>,
-        writeback_pages: Option<u64>,
-    ) -> String {
-        format!(
-            "{:>6} {:<26} {:>10.1} {:>10.1} {:>10.1} {:>11} {:>9}",
-            dirty,
-            case,
-            l.p50_ns as f64 / 1e3,
-            l.p99_ns as f64 / 1e3,
-            l.mean_ns / 1e3,
-            vs_fdatasync.map_or_else(|| "-".to_string(), |x| format!("{x:.2}")),
-            writeback_pages.map_or_else(|| "-".to_string(), |p| p.to_string()),
+            fmt_rate(per_second),
+            spread.map_or_else(|| "-".into(), |s| fmt_ns(s.median_p50_ns as f64)),
+            Spread::cell(spread),
         )
     }
 
@@ -739,7 +867,7 @@ pub mod table {
     }
 }
 
-fn fmt_ns(ns: f64) -> String {
+pub(super) fn fmt_ns(ns: f64) -> String {
     if ns >= 10_000_000.0 {
         format!("{:.1} ms", ns / 1e6)
     } else if ns >= 10_000.0 {
@@ -779,7 +907,13 @@ impl FaultBenchReport {
         );
         let _ = writeln!(out, "{}", table::fault_header());
         for r in &self.summary {
-            let row = table::fault_row(r.engine, r.event.label(), &r.latency, r.per_second);
+            let row = table::fault_row(
+                r.engine,
+                r.event.label(),
+                &r.latency,
+                r.per_second,
+                r.spread.as_ref(),
+            );
             let _ = writeln!(out, "{row}");
         }
         let shown: Vec<&str> = VCPU_STATS_SHOWN
@@ -797,13 +931,13 @@ impl FaultBenchReport {
                 out,
                 "\nKVM statistics per sample (page; request for flushes), step boundary subtracted:"
             );
-            let _ = write!(out, "{:<9} {:<27}", "engine", "event");
+            let _ = write!(out, "{:<10} {:<27}", "engine", "event");
             for k in &shown {
                 let _ = write!(out, " {:>16}", k);
             }
             out.push('\n');
             for r in &self.summary {
-                let _ = write!(out, "{:<9} {:<27}", r.engine, r.event.label());
+                let _ = write!(out, "{:<10} {:<27}", r.engine, r.event.label());
                 for k in &shown {
                     match r.kvm_per_sample.get(*k) {
                         Some(v) => {
@@ -833,400 +967,13 @@ impl FaultBenchReport {
         for s in &self.skipped_engines {
             let _ = writeln!(out, "{}", table::skipped(s.engine, &s.reason));
         }
+        out.push_str(&super::checks::table(&self.checks));
         out
     }
-}
 
-/// Where `bench flush` puts the dirty pages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FlushLayout {
-    /// One run of pages from the start of the region.
-    Contiguous,
-    /// Spread evenly over the region, at least one page apart.
-    Scattered,
-}
-
-impl FromStr for FlushLayout {
-    type Err = ProbeError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "contiguous" => Ok(Self::Contiguous),
-            "scattered" => Ok(Self::Scattered),
-            _ => Err(ProbeError::Config(format!(
-                "--layout {s}: expected contiguous or scattered"
-            ))),
-        }
-    }
-}
-
-impl FlushLayout {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Contiguous => "contiguous",
-            Self::Scattered => "scattered",
-        }
-    }
-
-    /// The fewest region pages [`Self::write_step`] can place `max_dirty`
-    /// pages in (scattered pages are at least 2 apart).
-    pub fn min_region_pages(self, max_dirty: u64) -> u64 {
-        match self {
-            Self::Contiguous => max_dirty,
-            Self::Scattered => 2 * max_dirty,
-        }
-    }
-
-    /// Region pages for dirty counts up to `max_dirty`.
-    pub fn region_pages(self, max_dirty: u64) -> u64 {
-        self.min_region_pages(max_dirty).max(4096).div_ceil(512) * 512
-    }
-
-    /// The pages `dirty` writes touch, as a probe step.
-    pub fn write_step(self, dirty: u64, region_pages: u64) -> StepSpec {
-        let stride = match self {
-            Self::Contiguous => 1,
-            Self::Scattered => (region_pages / dirty.max(1)).max(2),
-        };
-        StepSpec {
-            op: StepOp::Write,
-            count: dirty,
-            first_page: 0,
-            order: PageOrder::Stride { stride },
-        }
-    }
-}
-
-/// `pmemvm bench flush` options.
-#[derive(Debug, Clone)]
-pub struct FlushBenchConfig {
-    pub engines: Vec<FaultEngineKind>,
-    pub dirty: Vec<u64>,
-    pub layout: FlushLayout,
-    /// The pmem region in bytes (a multiple of 2 MiB); by default the
-    /// least the dirty counts and layout need, at least 16 MiB.
-    pub region: Option<u64>,
-    pub uffd: UffdOptions,
-    pub backing: BackingKind,
-    pub dir: Option<PathBuf>,
-    pub repeat: u32,
-    pub progress: bool,
-}
-
-impl FlushBenchConfig {
-    /// The region in pages: `--region` checked against the dirty counts
-    /// and layout, or the default made from them.
-    fn region_pages(&self) -> Result<u64, ProbeError> {
-        let max_dirty = self.dirty.iter().copied().max().unwrap_or(0);
-        let Some(bytes) = self.region else {
-            return Ok(self.layout.region_pages(max_dirty));
-        };
-        const HUGE: u64 = 2 << 20;
-        if bytes == 0 || !bytes.is_multiple_of(HUGE) {
-            return Err(ProbeError::Config(format!(
-                "--region {bytes} bytes: must be a non-zero multiple of 2 MiB"
-            )));
-        }
-        let pages = bytes / super::paging::PAGE;
-        let need = self.layout.min_region_pages(max_dirty);
-        if pages < need {
-            return Err(ProbeError::Config(format!(
-                "--region {} MiB ({pages} pages) is too small for --dirty {max_dirty} \
-                 with layout {}: it needs at least {need} pages",
-                bytes >> 20,
-                self.layout.name()
-            )));
-        }
-        Ok(pages)
-    }
-}
-
-/// Checks that the probe VM's page tables can map `region_pages` next to
-/// the RAM that `samples` results need.
-fn check_region_fits(region_pages: u64, samples: u64) -> Result<(), ProbeError> {
-    let ram = super::vm::ram_for_samples(samples).max(super::paging::MIN_RAM);
-    let max = super::vm::max_region_pages(ram);
-    if region_pages > max {
-        return Err(ProbeError::Config(format!(
-            "a {} MiB region does not fit in the probe VM: its page tables \
-             (3 MiB, 4 KiB pages) map at most {} MiB of pmem next to {} MiB of RAM",
-            (region_pages * super::paging::PAGE) >> 20,
-            (max * super::paging::PAGE) >> 20,
-            ram >> 20
-        )));
-    }
-    Ok(())
-}
-
-impl Default for FlushBenchConfig {
-    fn default() -> Self {
-        Self {
-            engines: vec![
-                FaultEngineKind::Kernel,
-                FaultEngineKind::Uffd,
-                FaultEngineKind::Prefault,
-            ],
-            dirty: vec![0, 1, 64, 4096],
-            layout: FlushLayout::Contiguous,
-            region: None,
-            uffd: UffdOptions::default(),
-            backing: BackingKind::Ext4,
-            dir: None,
-            repeat: 10,
-            progress: false,
-        }
-    }
-}
-
-/// One row of the flush table.
-#[derive(Debug, Clone, Serialize)]
-pub struct FlushSummaryRow {
-    /// `probe <engine>` or `host <method>`.
-    pub case: String,
-    pub dirty: u64,
-    #[serde(flatten)]
-    pub latency: LatencySummary,
-    /// p50 / p50 of host fdatasync at the same dirty count.
-    pub p50_vs_fdatasync: Option<f64>,
-    /// Pages the device's writeback wrote, per flush (probe rows; median).
-    pub writeback_pages: Option<u64>,
-}
-
-/// One host-side sync, raw.
-#[derive(Debug, Clone, Serialize)]
-pub struct HostSyncRecord {
-    pub method: HostSyncMethod,
-    pub dirty: u64,
-    pub round: u32,
-    pub warmup: bool,
-    pub ns: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct FlushBenchConfigRecord {
-    pub engines: Vec<&'static str>,
-    pub dirty: Vec<u64>,
-    pub layout: FlushLayout,
-    pub region_pages: u64,
-    #[serde(flatten)]
-    pub uffd: UffdOptions,
-    pub backing: BackingKind,
-    pub repeat: u32,
-}
-
-/// Everything `bench flush` measured.
-#[derive(Debug, Clone, Serialize)]
-pub struct FlushBenchReport {
-    pub bench: &'static str,
-    pub config: FlushBenchConfigRecord,
-    pub host: HostRecord,
-    pub summary: Vec<FlushSummaryRow>,
-    pub skipped_engines: Vec<SkippedEngine>,
-    /// One probe VM per engine; the first round of steps is a warm-up.
-    pub probe_runs: Vec<RunRecord>,
-    pub host_syncs: Vec<HostSyncRecord>,
-}
-
-/// The flush-bench program: a warm-up round, then `repeat` rounds of
-/// (dirty D pages, flush) for every D. Returns the steps and, per step,
-/// `(round, dirty)` for flushes.
-fn flush_program(
-    config: &FlushBenchConfig,
-    region_pages: u64,
-) -> (Vec<StepSpec>, Vec<Option<(u32, u64)>>) {
-    let mut steps = Vec::new();
-    let mut tags = Vec::new();
-    for round in 0..=config.repeat {
-        for &dirty in &config.dirty {
-            if dirty > 0 {
-                steps.push(config.layout.write_step(dirty, region_pages));
-                tags.push(None);
-            }
-            steps.push(StepSpec {
-                op: StepOp::Flush,
-                count: 1,
-                first_page: 0,
-                order: PageOrder::Stride { stride: 1 },
-            });
-            tags.push(Some((round, dirty)));
-        }
-    }
-    (steps, tags)
-}
-
-/// `pmemvm bench flush`.
-pub fn run_flush(config: &FlushBenchConfig) -> Result<FlushBenchReport, ProbeError> {
-    if config.repeat == 0 || config.dirty.is_empty() || config.engines.is_empty() {
-        return Err(ProbeError::Config(
-            "--repeat, --dirty and --engine must not be empty or zero".into(),
-        ));
-    }
-    let region_pages = config.region_pages()?;
-    let (steps, tags) = flush_program(config, region_pages);
-    check_region_fits(region_pages, steps.iter().map(|s| s.count).sum())?;
-    let steps_per_round = steps.len() / (config.repeat as usize + 1);
-    let mut scratch = ScratchDir::new(config.backing, config.dir.as_deref())?;
-    let mut skipped = Vec::new();
-    let mut vms = Vec::new();
-    for &engine in &config.engines {
-        match build_probe(&mut scratch, engine, config.uffd, region_pages, &steps)? {
-            Ok(vm) => vms.push((vm, engine)),
-            Err(reason) => {
-                if config.progress {
-                    eprintln!("bench flush: skipping engine {}: {reason}", engine.name());
-                }
-                skipped.push(SkippedEngine {
-                    engine: engine.name(),
-                    reason,
-                });
-            }
-        }
-    }
-    let host_path = scratch.create_file(region_pages * super::paging::PAGE)?;
-    let mut host_file = HostFlushFile::open(&host_path, region_pages)?;
-    let _ = std::fs::remove_file(&host_path);
-
-    // Round by round, every engine's VM and then the host take turns, so
-    // that a slow spell of the host's disk hits all cases alike.
-    let started = Instant::now();
-    let mut host_syncs = Vec::new();
-    for round in 0..=config.repeat {
-        for (vm, _) in &mut vms {
-            vm.run_steps(steps_per_round)?;
-        }
-        for &dirty in &config.dirty {
-            let pages = if dirty == 0 {
-                Vec::new()
-            } else {
-                config.layout.write_step(dirty, region_pages).pages()
-            };
-            for method in HostSyncMethod::ALL {
-                let took = host_file.timed_sync(&pages, method)?;
-                host_syncs.push(HostSyncRecord {
-                    method,
-                    dirty,
-                    round,
-                    warmup: round == 0,
-                    ns: u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
-                });
-            }
-        }
-        if config.progress {
-            eprintln!(
-                "bench flush: round {}/{}{}: {} engine(s) and the host baselines, {:.2} s",
-                round + 1,
-                config.repeat + 1,
-                if round == 0 { " (warm-up)" } else { "" },
-                vms.len(),
-                started.elapsed().as_secs_f64()
-            );
-        }
-    }
-    drop(host_file);
-    let events = vec![None; steps.len()];
-    let mut runs = Vec::new();
-    for (vm, engine) in vms {
-        runs.push((RunRecord::new(&vm.run()?, 0, &events), engine));
-    }
-
-    let summary = summarize_flush(config, &runs, &tags, &host_syncs);
-    Ok(FlushBenchReport {
-        bench: "flush",
-        config: FlushBenchConfigRecord {
-            engines: config.engines.iter().map(|e| e.name()).collect(),
-            dirty: config.dirty.clone(),
-            layout: config.layout,
-            region_pages,
-            uffd: config.uffd,
-            backing: config.backing,
-            repeat: config.repeat,
-        },
-        host: HostRecord::detect(),
-        summary,
-        skipped_engines: skipped,
-        probe_runs: runs.into_iter().map(|(r, _)| r).collect(),
-        host_syncs,
-    })
-}
-
-fn summarize_flush(
-    config: &FlushBenchConfig,
-    runs: &[(RunRecord, FaultEngineKind)],
-    tags: &[Option<(u32, u64)>],
-    host: &[HostSyncRecord],
-) -> Vec<FlushSummaryRow> {
-    let mut rows = Vec::new();
-    for &dirty in &config.dirty {
-        let host_ns = |method: HostSyncMethod| -> Vec<f64> {
-            host.iter()
-                .filter(|h| h.method == method && h.dirty == dirty && !h.warmup)
-                .map(|h| h.ns as f64)
-                .collect()
-        };
-        let baseline = LatencySummary::from_ns(&host_ns(HostSyncMethod::Fdatasync)).p50_ns;
-        let ratio = |l: &LatencySummary| (baseline > 0).then(|| l.p50_ns as f64 / baseline as f64);
-        for (run, engine) in runs {
-            let mut ns = Vec::new();
-            let mut written = Vec::new();
-            for (step, tag) in run.steps.iter().zip(tags) {
-                if let Some((round, d)) = tag {
-                    if *d == dirty && *round > 0 {
-                        ns.extend(run.ns(step));
-                        written.push(step.engine_after.flush.last_pages);
-                    }
-                }
-            }
-            written.sort_unstable();
-            let latency = LatencySummary::from_ns(&ns);
-            rows.push(FlushSummaryRow {
-                case: format!("probe {}", engine.name()),
-                dirty,
-                p50_vs_fdatasync: ratio(&latency),
-                writeback_pages: written.get(written.len() / 2).copied(),
-                latency,
-            });
-        }
-        for method in HostSyncMethod::ALL {
-            let latency = LatencySummary::from_ns(&host_ns(method));
-            rows.push(FlushSummaryRow {
-                case: format!("host {}", method.label()),
-                dirty,
-                p50_vs_fdatasync: ratio(&latency),
-                writeback_pages: None,
-                latency,
-            });
-        }
-    }
-    rows
-}
-
-impl FlushBenchReport {
-    pub fn write_json(&self, path: &Path) -> Result<(), ProbeError> {
-        write_json(path, self)
-    }
-
-    pub fn table(&self) -> String {
-        let mut out = String::new();
-        let c = &self.config;
-        let _ = writeln!(
-            out,
-            "bench flush: layout {}, region {} pages ({} MiB), backing {}, {} measured round(s) after a warm-up",
-            c.layout.name(),
-            c.region_pages,
-            (c.region_pages * super::paging::PAGE) >> 20,
-            c.backing.name(),
-            c.repeat
-        );
-        let rows = self.summary.iter().map(|r| {
-            let (vs, wb) = (r.p50_vs_fdatasync, r.writeback_pages);
-            (r.dirty, r.case.as_str(), &r.latency, vs, wb)
-        });
-        let _ = writeln!(out, "{}", table::flush_rows(rows));
-        for s in &self.skipped_engines {
-            let _ = writeln!(out, "{}", table::skipped(s.engine, &s.reason));
-        }
-        out
+    /// The first failed check, if any.
+    pub fn failure(&self) -> Option<String> {
+        super::checks::first_failure(&self.checks)
     }
 }
 
@@ -1256,8 +1003,13 @@ mod tests {
         );
         assert!("mkwrite".parse::<FaultOp>().is_err());
         assert_eq!(
-            "scattered".parse::<FlushLayout>().unwrap(),
-            FlushLayout::Scattered
+            "uffd".parse::<ProbeCase>().unwrap(),
+            ProbeCase::Engine(FaultEngineKind::Uffd)
+        );
+        assert!("qemu".parse::<ProbeCase>().is_err());
+        assert_eq!(
+            "peer-msync".parse::<ProbeCase>().unwrap(),
+            ProbeCase::Peer(FlushPolicy::Msync)
         );
     }
 
@@ -1282,82 +1034,6 @@ mod tests {
         assert_eq!(firsts, vec![0, 0, 30, 30, 60, 60, 90, 90]);
         assert_eq!(events[3], Some(FaultEvent::Mkwrite));
         assert_eq!(events[8], Some(FaultEvent::RedirtyAfterFlush));
-    }
-
-    #[test]
-    fn scattered_layout_spreads_pages() {
-        let region = FlushLayout::Scattered.region_pages(4096);
-        assert_eq!(region, 8192);
-        let pages = FlushLayout::Scattered.write_step(64, region).pages();
-        assert_eq!(pages.len(), 64);
-        assert_eq!(pages[1] - pages[0], 128);
-        assert!(pages.iter().all(|&p| p < region));
-        let all = FlushLayout::Scattered.write_step(4096, region).pages();
-        assert_eq!(all[1] - all[0], 2);
-        let c = FlushLayout::Contiguous.write_step(64, 4096).pages();
-        assert_eq!(c, (0..64).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn flush_region_option_is_checked() {
-        let gib = |n: u64| n << 30;
-        let config = |dirty: Vec<u64>, layout, region| FlushBenchConfig {
-            dirty,
-            layout,
-            region,
-            ..Default::default()
-        };
-        // The default is unchanged: made from the dirty counts.
-        let c = config(vec![0, 1, 64, 4096], FlushLayout::Contiguous, None);
-        assert_eq!(c.region_pages().unwrap(), 4096);
-        let c = config(vec![8192], FlushLayout::Scattered, None);
-        assert_eq!(c.region_pages().unwrap(), 16384);
-        // 1 dirty page in 1 GiB.
-        let c = config(vec![1], FlushLayout::Contiguous, Some(gib(1)));
-        assert_eq!(c.region_pages().unwrap(), 262_144);
-        let c = config(vec![512], FlushLayout::Scattered, Some(4 << 20));
-        assert_eq!(c.region_pages().unwrap(), 1024);
-        // Not a multiple of 2 MiB, zero, too small for the dirty pages.
-        for (dirty, layout, region) in [
-            (1, FlushLayout::Contiguous, (2 << 20) + 4096),
-            (1, FlushLayout::Contiguous, 1 << 20),
-            (1, FlushLayout::Contiguous, 0),
-            (513, FlushLayout::Contiguous, 2 << 20),
-            (513, FlushLayout::Scattered, 4 << 20),
-        ] {
-            let err = config(vec![0, dirty], layout, Some(region))
-                .region_pages()
-                .unwrap_err();
-            assert!(matches!(err, ProbeError::Config(_)), "{err}");
-        }
-        // The probe's page tables: 1 GiB fits, 2 GiB does not.
-        let program = |c: &FlushBenchConfig| {
-            let pages = c.region_pages().unwrap();
-            let (steps, _) = flush_program(c, pages);
-            (pages, steps.iter().map(|s| s.count).sum::<u64>())
-        };
-        let (pages, samples) = program(&config(vec![1], FlushLayout::Contiguous, Some(gib(1))));
-        check_region_fits(pages, samples).unwrap();
-        let (pages, samples) = program(&config(vec![1], FlushLayout::Contiguous, Some(gib(2))));
-        let err = check_region_fits(pages, samples).unwrap_err().to_string();
-        assert!(err.contains("does not fit"), "{err}");
-        let (pages, samples) = program(&FlushBenchConfig::default());
-        check_region_fits(pages, samples).unwrap();
-    }
-
-    #[test]
-    fn probe_page_tables_are_counted() {
-        use super::super::paging::MIN_RAM;
-        use super::super::vm::{max_region_pages, table_pages_needed, TABLE_PAGES_MAX};
-        // 32 MiB RAM: PML4, one PDPT (all below 512 GiB), PDs for GiB 0,
-        // 3 (MMIO) and 4 (pmem), 15 PTs for RAM (the 2 MiB of page tables
-        // are not mapped), 2 for the MMIO and control pages, 8 for 16 MiB
-        // of pmem.
-        assert_eq!(table_pages_needed(MIN_RAM, 4096), 1 + 1 + 3 + 15 + 2 + 8);
-        let max = max_region_pages(MIN_RAM);
-        assert!(table_pages_needed(MIN_RAM, max) <= TABLE_PAGES_MAX);
-        assert!(table_pages_needed(MIN_RAM, max + 512) > TABLE_PAGES_MAX);
-        assert!(max >= 262_144, "{max}");
     }
 
     #[test]

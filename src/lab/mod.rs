@@ -6,13 +6,17 @@
 //!   the VMM, one pmem device attached with [`vmm::pmem::attach`] and
 //!   activated by the VMM through its virtio-mmio registers.
 //! - [`guest`]: the probe routine (global_asm!) and its parameter block.
-//! - [`bench`]: `pmemvm bench faults` and `pmemvm bench flush`.
+//! - [`bench`]: `pmemvm bench faults`; [`flush`]: `pmemvm bench flush`.
+//! - [`checks`]: each bench's figures checked against KVM's and the
+//!   device's counts.
 //! - [`report`]: `pmemvm report`, the summary and SVG of a bench's JSON.
 //!
 //! The lab uses only the `vmm` crate's public API.
 
 pub mod backing;
 pub mod bench;
+pub mod checks;
+pub mod flush;
 pub mod guest;
 pub mod host_flush;
 pub mod paging;
@@ -22,10 +26,8 @@ pub mod vm;
 use std::time::Duration;
 
 pub use backing::BackingKind;
-pub use bench::{
-    run_faults, run_flush, FaultBenchConfig, FaultOp, FlushBenchConfig, FlushLayout, PagePattern,
-    UffdOptions,
-};
+pub use bench::{run_faults, FaultBenchConfig, FaultOp, PagePattern, ProbeCase, UffdOptions};
+pub use flush::{run_flush, FlushBenchConfig, FlushLayout};
 
 use vmm::kvm_stats::KvmStatsError;
 use vmm::VmmError;
@@ -112,6 +114,8 @@ pub enum ProbeError {
     },
     #[error("{0}")]
     Config(String),
+    #[error("the figures disagree with KVM's or the device's counts: {0}")]
+    ChecksFailed(String),
 }
 
 #[cfg(test)]

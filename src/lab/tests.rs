@@ -6,7 +6,8 @@ use std::time::Duration;
 use devices::virtio::pmem::{EngineConfig, FaultEngineKind};
 
 use super::backing::{BackingKind, ScratchDir};
-use super::bench::{self, FaultBenchConfig, FaultOp, FlushBenchConfig, FlushLayout, PagePattern};
+use super::bench::{self, FaultBenchConfig, FaultOp, PagePattern, ProbeCase};
+use super::flush::{self, FlushBenchConfig, FlushLayout};
 use super::guest::{PageOrder, StepOp, StepSpec};
 use super::vm::{ProbeRun, ProbeVm, ProbeVmConfig};
 use super::ProbeError;
@@ -319,7 +320,10 @@ fn keys(v: &serde_json::Value) -> Vec<&str> {
 fn fault_bench_json_has_the_expected_shape() {
     require_kvm();
     let config = FaultBenchConfig {
-        engines: vec![FaultEngineKind::Kernel, FaultEngineKind::Prefault],
+        engines: vec![
+            ProbeCase::Engine(FaultEngineKind::Kernel),
+            ProbeCase::Engine(FaultEngineKind::Prefault),
+        ],
         ops: FaultOp::ALL.to_vec(),
         pattern: PagePattern::Random,
         pages: 16,
@@ -336,6 +340,7 @@ fn fault_bench_json_has_the_expected_shape() {
         keys(&v),
         [
             "bench",
+            "checks",
             "config",
             "host",
             "runs",
@@ -344,6 +349,9 @@ fn fault_bench_json_has_the_expected_shape() {
         ]
     );
     assert_eq!(v["bench"], "faults");
+    // The figures agree with KVM's counts.
+    assert_eq!(report.failure(), None, "{}", report.table());
+    assert!(v["checks"].as_array().unwrap().len() > 20);
     assert_eq!(v["config"]["pages"], 16);
     let runs = v["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 4, "2 engines x 2 repeats");
@@ -380,21 +388,27 @@ fn fault_bench_json_has_the_expected_shape() {
         2 * 2 * 16,
         "2 ops x 2 repeats x 16 pages"
     );
-    assert!(report.table().contains("mkwrite (write after read)"));
+    let table = report.table();
+    assert!(table.contains("mkwrite (write after read)"));
+    assert!(table.contains("checks: "), "{table}");
 }
 
 #[test]
 fn flush_bench_json_has_the_expected_shape() {
     require_kvm();
     let config = FlushBenchConfig {
-        engines: vec![FaultEngineKind::Kernel],
+        cases: vec![
+            ProbeCase::Engine(FaultEngineKind::Kernel),
+            ProbeCase::PEERS[0],
+        ],
         dirty: vec![0, 3],
         layout: FlushLayout::Scattered,
         backing: BackingKind::Sparse,
-        repeat: 2,
+        rounds: 2,
+        repeat: 3,
         ..Default::default()
     };
-    let report = bench::run_flush(&config).unwrap();
+    let report = flush::run_flush(&config).unwrap();
     let dir = ScratchDir::new(BackingKind::Sparse, None).unwrap();
     let path = dir.path().join("flush.json");
     report.write_json(&path).unwrap();
@@ -403,6 +417,7 @@ fn flush_bench_json_has_the_expected_shape() {
         keys(&v),
         [
             "bench",
+            "checks",
             "config",
             "host",
             "host_syncs",
@@ -412,22 +427,44 @@ fn flush_bench_json_has_the_expected_shape() {
         ]
     );
     assert_eq!(v["bench"], "flush");
+    assert_eq!(report.failure(), None, "{}", report.table());
     let summary = v["summary"].as_array().unwrap();
-    // Per dirty count: the probe engine and three host methods.
-    assert_eq!(summary.len(), 2 * 4);
+    // Per dirty count: the engine, the peer and three host methods.
+    assert_eq!(summary.len(), 2 * 5);
     for row in summary {
-        for key in ["case", "dirty", "samples", "p50_ns", "p99_ns", "mean_ns"] {
+        for key in [
+            "case",
+            "dirty",
+            "samples",
+            "p50_ns",
+            "p99_ns",
+            "mean_ns",
+            "p50_vs_fdatasync",
+            "p50_vs_best_peer",
+            "spread",
+        ] {
             assert!(!row[key].is_null(), "{key} missing in {row}");
         }
-        assert_eq!(row["samples"], 2);
+        assert_eq!(row["samples"], 2 * 3, "2 rounds x 3 repeats");
+        assert_eq!(row["repeat_p50_ns"].as_array().unwrap().len(), 3);
     }
     let probe3 = summary
         .iter()
         .find(|r| r["case"] == "probe kernel" && r["dirty"] == 3)
         .unwrap();
     assert_eq!(probe3["writeback_pages"], 3);
-    // A warm-up round plus two measured, three methods, two dirty counts.
-    assert_eq!(v["host_syncs"].as_array().unwrap().len(), 3 * 3 * 2);
-    assert_eq!(v["probe_runs"].as_array().unwrap().len(), 1);
-    assert!(report.table().contains("msync"));
+    assert!(probe3["breakdown"]["sync_us"].as_f64().unwrap() > 0.0);
+    let peer3 = summary
+        .iter()
+        .find(|r| r["case"] == "peer fsync (QEMU, CH)" && r["dirty"] == 3)
+        .unwrap();
+    assert_eq!(peer3["p50_vs_best_peer"], 1.0);
+    // A warm-up round plus two measured, three methods, two dirty counts,
+    // three repeats.
+    assert_eq!(v["host_syncs"].as_array().unwrap().len(), 3 * 3 * 2 * 3);
+    assert_eq!(v["probe_runs"].as_array().unwrap().len(), 2 * 3);
+    let table = report.table();
+    assert!(table.contains("peer fsync (QEMU, CH)"), "{table}");
+    assert!(table.contains("where a flush's time goes"), "{table}");
+    assert!(table.contains("checks: "), "{table}");
 }

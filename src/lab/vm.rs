@@ -5,7 +5,7 @@
 //! the device is live before the vCPU starts, and starts the vCPU at CPL3
 //! in 64-bit mode.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,9 +20,9 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::guest::{
-    exception_name, probe_code, vectors_offset, ProbeExitCode, ProbeHeader, StepSpec, CONTROL_EXIT,
-    CONTROL_FAULT, CONTROL_STEP, HDR_FAULT_ERROR, HDR_FAULT_RIP, HDR_FAULT_VECTOR, HDR_STEPS_DONE,
-    STEPS_OFFSET, STEP_SIZE,
+    exception_name, probe_code, vectors_offset, ProbeExitCode, ProbeHeader, StepOp, StepSpec,
+    CONTROL_EXIT, CONTROL_FAULT, CONTROL_STEP, HDR_FAULT_ERROR, HDR_FAULT_RIP, HDR_FAULT_VECTOR,
+    HDR_STEPS_DONE, STEPS_OFFSET, STEP_SIZE,
 };
 use super::paging::*;
 use super::ProbeError;
@@ -87,6 +87,8 @@ pub struct StepResult {
 /// Everything a probe run produced.
 #[derive(Debug, Clone)]
 pub struct ProbeRun {
+    /// Only the tests read it.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub engine: FaultEngineKind,
     /// The guest's TSC frequency, for converting ticks.
     pub tsc_khz: u32,
@@ -160,12 +162,25 @@ pub fn ram_for_samples(samples: u64) -> u64 {
 /// Page-table pages the reserved range holds (3 MiB).
 pub const TABLE_PAGES_MAX: u64 = (PAGE_TABLES_END - PAGE_TABLES_GPA) / PAGE;
 
+/// The 2 MiB blocks of the region (by index) that the steps read or
+/// write: the probe maps only these, so that a large sparse region costs
+/// no more page tables than the pages it uses.
+pub fn touched_blocks(steps: &[StepSpec]) -> BTreeSet<u64> {
+    steps
+        .iter()
+        .filter(|s| s.op != StepOp::Flush)
+        .flat_map(|s| s.pages())
+        .map(|p| p / 512)
+        .collect()
+}
+
 /// Page-table pages [`ProbeVm::new`] builds for `ram` bytes of guest RAM
-/// and a pmem region of `region_pages` pages: one PML4, and one table per
-/// 512 GiB, 1 GiB and 2 MiB block that a mapped page falls in.
-pub fn table_pages_needed(ram: u64, region_pages: u64) -> u64 {
-    let region_size = region_pages * PAGE;
-    let region_gpa = layout::pmem_regions(ram, &[region_size])[0];
+/// and the `blocks` of a pmem region of `region_pages` pages: one PML4,
+/// and one table per 512 GiB, 1 GiB and 2 MiB block that a mapped page
+/// falls in.
+pub fn table_pages_needed(ram: u64, region_pages: u64, blocks: &BTreeSet<u64>) -> u64 {
+    const BLOCK: u64 = 2 << 20;
+    let region_gpa = layout::pmem_regions(ram, &[region_pages * PAGE])[0];
     let mmio_gpa = layout::VIRTIO_MMIO_BASE;
     let ranges = [
         (GDT_GPA, PAGE),
@@ -179,32 +194,19 @@ pub fn table_pages_needed(ram: u64, region_pages: u64) -> u64 {
         (RESULTS_GPA, ram.saturating_sub(RESULTS_GPA)),
         (mmio_gpa, PAGE),
         (CONTROL_GPA, PAGE),
-        (region_gpa, region_size),
-    ];
+    ]
+    .into_iter()
+    .chain(blocks.iter().map(|b| (region_gpa + b * BLOCK, BLOCK)));
+    let ranges: Vec<(u64, u64)> = ranges.filter(|r| r.1 > 0).collect();
     let mut tables = 1;
     for shift in [39u32, 30, 21] {
-        let mut blocks = std::collections::BTreeSet::new();
-        for &(start, len) in ranges.iter().filter(|r| r.1 > 0) {
-            blocks.extend((start >> shift)..=((start + len - 1) >> shift));
+        let mut seen = BTreeSet::new();
+        for &(start, len) in &ranges {
+            seen.extend((start >> shift)..=((start + len - 1) >> shift));
         }
-        tables += blocks.len() as u64;
+        tables += seen.len() as u64;
     }
     tables
-}
-
-/// The largest region, in pages and 2 MiB units, whose page tables fit
-/// next to `ram` bytes of guest RAM.
-pub fn max_region_pages(ram: u64) -> u64 {
-    let (mut lo, mut hi) = (0u64, TABLE_PAGES_MAX);
-    while lo < hi {
-        let mid = (lo + hi).div_ceil(2);
-        if table_pages_needed(ram, mid * 512) <= TABLE_PAGES_MAX {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    lo * 512
 }
 
 impl ProbeVm {
@@ -288,9 +290,11 @@ impl ProbeVm {
         tables.identity_map(RESULTS_GPA, ram - RESULTS_GPA, PageAccess::UserReadWrite)?;
         tables.map_page(mmio_gpa, mmio_gpa, PageAccess::UserMmio)?;
         tables.map_page(CONTROL_GPA, CONTROL_GPA, PageAccess::UserMmio)?;
-        for page in 0..region_pages {
-            let a = region_gpa + page * PAGE;
-            tables.map_page(a, a, PageAccess::UserPmem)?;
+        for block in touched_blocks(steps) {
+            for page in block * 512..(block + 1) * 512 {
+                let a = region_gpa + page * PAGE;
+                tables.map_page(a, a, PageAccess::UserPmem)?;
+            }
         }
         mem.write_slice(code, GuestAddress(CODE_GPA))
             .map_err(guest_write("probe code", CODE_GPA))?;

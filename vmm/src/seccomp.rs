@@ -86,6 +86,8 @@ impl ThreadKind {
                 libc::SYS_lseek,
                 libc::SYS_fdatasync,
                 libc::SYS_fsync,
+                // flush=msync, the peer policy.
+                libc::SYS_msync,
                 libc::SYS_sync_file_range,
                 libc::SYS_ioctl,
                 // The truncation check before each writeback and between

@@ -155,7 +155,7 @@ impl FaultMetrics {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct FaultCounts {
     pub populate_read: u64,
     pub populate_write: u64,
@@ -165,12 +165,12 @@ pub struct FaultCounts {
     pub already_done: u64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct PopulateBatch {
     pub mean: f64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct FlushCounts {
     pub pages: u64,
     pub runs: u64,
@@ -196,7 +196,7 @@ pub struct FlushPhases {
 }
 
 /// The fault-engine part of a device's `--stats` record.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct FaultStats {
     pub engine: &'static str,
     pub faults: FaultCounts,

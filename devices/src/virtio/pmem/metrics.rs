@@ -111,7 +111,7 @@ pub struct LatencyStats {
 }
 
 /// A point-in-time copy of [`PmemMetrics`], ready to serialize.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PmemStats {
     pub file: String,
     pub size: u64,
