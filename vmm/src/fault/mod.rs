@@ -12,6 +12,7 @@ pub mod dirty_log;
 pub mod engine;
 pub(crate) mod file_io;
 pub mod kernel;
+pub(crate) mod memfd;
 pub mod metrics;
 pub mod pages;
 pub mod tracker;
