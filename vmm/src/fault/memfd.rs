@@ -1,13 +1,14 @@
-//! A memfd mapping that the guest sees instead of the backing file (the
-//! `uffd` engine serves its pages through userfaultfd): its dirty pages are
-//! copied to the file at a flush, and compared with the file.
+//! A memfd mapping that the guest sees instead of the backing file: the
+//! `uffd` engine serves its pages through userfaultfd, the `mirror` engine
+//! fills it from the file at start and lets KVM serve them. Both copy dirty
+//! pages from it to the file at a flush, and compare pages with the file.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 
-use super::file_io::{pread_full, pwrite_all};
+use super::file_io::{data_extents, pread_full, pwrite_all};
 use super::{Run, PAGE_SIZE};
 
 /// The last OS error, prefixed with what failed.
@@ -135,6 +136,62 @@ impl MemfdMap {
         self.size
     }
 
+    /// The memfd itself: positioned I/O on it reaches the mirror's pages
+    /// without touching the mapping.
+    pub(crate) fn memfd(&self) -> &File {
+        &self.memfd
+    }
+
+    /// Makes the mapping read-only (after [`Self::fill_from`], for a
+    /// read-only device).
+    pub(crate) fn protect_read_only(&self) -> io::Result<()> {
+        // SAFETY: changes the protection of our own mapping only; nothing
+        // writes it through Rust references.
+        let rc = unsafe { libc::mprotect(self.base.cast(), self.size as usize, libc::PROT_READ) };
+        if rc != 0 {
+            return Err(last_err("mprotect of the memfd mirror"));
+        }
+        Ok(())
+    }
+
+    /// Copies `file`'s data into the mirror (which must be writable and
+    /// still all holes), page by page where the file has data
+    /// (SEEK_DATA/SEEK_HOLE): the file's holes, and anything past its end,
+    /// stay holes of the memfd, which read as zeroes and use no memory.
+    /// Returns the bytes copied.
+    pub(crate) fn fill_from(&self, file: &File) -> io::Result<u64> {
+        let mut copied = 0;
+        let mut done = 0; // pages below this are copied already
+        for data in data_extents(file, 0, self.size) {
+            // Whole pages: an extent of a file system with blocks smaller
+            // than a page may share a page with the one before.
+            let first = (data.start / PAGE_SIZE * PAGE_SIZE).max(done);
+            let end = data.end.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+            let end = end.min(self.size);
+            if first >= end {
+                continue;
+            }
+            let len = (end - first) as usize;
+            // SAFETY: first..end lies inside the mapping, which is writable
+            // and which nothing else uses yet (the guest does not run).
+            let got = unsafe { pread_full(file, self.base.add(first as usize), len, first) }
+                .map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("reading the backing file at {first:#x} into the mirror: {e}"),
+                    )
+                })?;
+            copied += got as u64;
+            done = end;
+            if got < len {
+                // The file ends here (it shrank meanwhile): the rest reads
+                // as zeroes.
+                break;
+            }
+        }
+        Ok(copied)
+    }
+
     /// Whether mirror page `page` holds what `file` holds (zeroes past its
     /// end). Both are read with pread: no Rust reference covers the guest's
     /// memory, and a page the mirror lacks reads as zeroes.
@@ -177,15 +234,51 @@ impl MemfdMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::{FileExt, MetadataExt};
 
     const MIB: u64 = 1 << 20;
 
     #[test]
+    fn fill_copies_data_and_leaves_holes_unallocated() {
+        let (path, f) = crate::fault::temp_file("memfd-fill", 8 * MIB);
+        f.write_all_at(&[0x11; 3 * PAGE_SIZE as usize], 16 * PAGE_SIZE)
+            .unwrap();
+        f.write_all_at(b"tail", 8 * MIB - 4).unwrap();
+        let map = MemfdMap::new("fill", 8 * MIB, false).unwrap();
+        let copied = map.fill_from(&f).unwrap();
+        // Whole data blocks are copied; at most a few pages each.
+        assert!(
+            (3 * PAGE_SIZE + 4..=MIB).contains(&copied),
+            "{copied} bytes copied"
+        );
+        let mut back = vec![0u8; 8 * MIB as usize];
+        map.memfd().read_exact_at(&mut back, 0).unwrap();
+        let mut want = vec![0u8; 8 * MIB as usize];
+        want[16 * PAGE_SIZE as usize..19 * PAGE_SIZE as usize].fill(0x11);
+        want[8 * MIB as usize - 4..].copy_from_slice(b"tail");
+        assert!(back == want, "the mirror differs from the file");
+        // The holes stay holes of the memfd: few pages are allocated, and
+        // SEEK_DATA on the memfd finds the data only.
+        let blocks = map.memfd().metadata().unwrap().blocks() * 512;
+        assert!(
+            blocks <= copied.next_multiple_of(PAGE_SIZE),
+            "{blocks} bytes allocated"
+        );
+        let extents: Vec<_> = data_extents(map.memfd(), 0, 8 * MIB).collect();
+        assert_eq!(extents.first().map(|e| e.start), Some(16 * PAGE_SIZE));
+        assert_eq!(extents.last().map(|e| e.end), Some(8 * MIB));
+        assert!(data_extents(map.memfd(), 0, 16 * PAGE_SIZE)
+            .next()
+            .is_none());
+        assert!(data_extents(map.memfd(), MIB, 7 * MIB).next().is_none());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn the_mirror_size_is_sealed() {
         let map = MemfdMap::new("seal", 2 * MIB, false).unwrap();
-        assert!(map.memfd.set_len(MIB).is_err());
-        assert!(map.memfd.set_len(4 * MIB).is_err());
+        assert!(map.memfd().set_len(MIB).is_err());
+        assert!(map.memfd().set_len(4 * MIB).is_err());
         assert!(MemfdMap::new("odd", 4097, false).is_err());
     }
 
@@ -194,12 +287,10 @@ mod tests {
         let (path, f) = crate::fault::temp_file("memfd-cmp", 2 * MIB);
         f.write_all_at(&[7; PAGE_SIZE as usize], PAGE_SIZE).unwrap();
         let map = MemfdMap::new("cmp", 2 * MIB, false).unwrap();
-        map.memfd
-            .write_all_at(&[7; PAGE_SIZE as usize], PAGE_SIZE)
-            .unwrap();
+        map.fill_from(&f).unwrap();
         assert!(map.unchanged(&f, 0).unwrap(), "a hole equals a hole");
         assert!(map.unchanged(&f, 1).unwrap());
-        map.memfd.write_all_at(b"new", PAGE_SIZE).unwrap();
+        map.memfd().write_all_at(b"new", PAGE_SIZE).unwrap();
         assert!(!map.unchanged(&f, 1).unwrap());
         map.write_run(&f, Run { first: 1, pages: 1 }).unwrap();
         assert!(map.unchanged(&f, 1).unwrap());
