@@ -172,7 +172,8 @@ struct RunArgs {
     host_quirks: QuirksArg,
     /// A virtio-pmem disk backed by a host file, seen as /dev/pmemN in the
     /// guest: file=PATH[,size=SIZE][,readonly=on][,discard_writes=on]
-    /// [,engine=kernel|uffd|prefault][,flush=dirty|fsync|msync][,populate=N][,poll_us=N].
+    /// [,engine=kernel|mirror|uffd|prefault][,flush=dirty|fsync|msync][,populate=N][,poll_us=N].
+    /// engine=mirror: KVM maps a memfd copy of the file and a flush copies the dirty pages to it (holds the data twice).
     /// Repeat for more disks.
     #[arg(long, value_name = "file=PATH[,...]")]
     pmem: Vec<PmemConfig>,

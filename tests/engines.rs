@@ -28,15 +28,18 @@ fn page(path: &std::path::Path, index: u64) -> Vec<u8> {
 fn engines_write_back_exactly_the_dirty_pages() {
     let guest = guest();
     let dir = TempDir::new("engines");
-    // pmem0..2: exact counts per engine; pmem3..4: racing writers, the
+    // pmem0..3: exact counts per engine; pmem4..6: racing writers, the
     // uffd ones served by a polling servicer.
     let devices = [
         ("kernel.img", "kernel", ""),
         ("uffd.img", "uffd", ""),
         ("prefault.img", "prefault", ""),
+        ("mirror.img", "mirror", ""),
         ("stress-kernel.img", "kernel", ""),
         ("stress-uffd.img", "uffd", ",poll_us=200"),
+        ("stress-mirror.img", "mirror", ""),
     ];
+    const EXACT: usize = 4;
     let stats = dir.join("stats.json");
     let mut args = vec!["--vcpus".to_string(), "2".to_string()];
     for (file, engine, extra) in devices {
@@ -50,15 +53,13 @@ fn engines_write_back_exactly_the_dirty_pages() {
     args.push(stats.display().to_string());
     let out = Vm::run(
         &guest,
-        "pmemvm_mode=raw pmemvm_raw=pmem0,pmem1,pmem2 pmemvm_stress=pmem3,pmem4",
+        "pmemvm_mode=raw pmemvm_raw=pmem0,pmem1,pmem2,pmem3 pmemvm_stress=pmem4,pmem5,pmem6",
         &args,
     );
     out.expect_code(0);
-    for dev in ["pmem0", "pmem1", "pmem2"] {
-        out.expect_output(&format!("pmemvm-init: raw {dev} ok"));
-    }
-    for dev in ["pmem3", "pmem4"] {
-        out.expect_output(&format!("pmemvm-init: stress {dev} ok"));
+    for (i, _) in devices.iter().enumerate() {
+        let kind = if i < EXACT { "raw" } else { "stress" };
+        out.expect_output(&format!("pmemvm-init: {kind} pmem{i} ok"));
     }
 
     let json: serde_json::Value = serde_json::from_slice(&fs::read(&stats).unwrap()).unwrap();
@@ -73,7 +74,7 @@ fn engines_write_back_exactly_the_dirty_pages() {
             r["kvm"]["exits"].as_i64().unwrap_or(0) > 0,
             "pmem{i}: no KVM statistics: {r}"
         );
-        if i < 3 {
+        if i < EXACT {
             // 5 pages, fsync; fsync with nothing dirty; 1 page again, fsync.
             assert_eq!(r["writebacks"], 3, "pmem{i} ({engine}): {r}");
             assert_eq!(r["flush"]["pages"], 6, "pmem{i} ({engine}): {r}");
@@ -249,13 +250,14 @@ fn full_host_filesystem_stalls_writes_until_space_returns() {
 
 /// Crash consistency: the guest writes, fsyncs and acknowledges sequence
 /// numbers until pmemvm is SIGKILLed at a random moment; every acknowledged
-/// write must be in the file. The uffd engine keeps guest data in its own
-/// mirror, so only a working flush gets it to the file before the kill.
+/// write must be in the file. The uffd and mirror engines keep guest data
+/// in their own mirror, so only a working flush gets it to the file before
+/// the kill.
 #[test]
 fn sigkill_loses_no_acknowledged_write() {
     let guest = guest();
     let dir = TempDir::new("acks");
-    let rounds = [("uffd", 0u64), ("kernel", 1), ("uffd", 2)];
+    let rounds = [("uffd", 0u64), ("kernel", 1), ("mirror", 2), ("uffd", 3)];
     let mut losses = 0;
     for (round, (engine, seed)) in rounds.iter().enumerate() {
         let img = dir.join(&format!("round{round}.img"));

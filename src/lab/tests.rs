@@ -12,10 +12,11 @@ use super::guest::{PageOrder, StepOp, StepSpec};
 use super::vm::{ProbeRun, ProbeVm, ProbeVmConfig};
 use super::ProbeError;
 
-const ENGINES: [FaultEngineKind; 3] = [
+const ENGINES: [FaultEngineKind; 4] = [
     FaultEngineKind::Kernel,
     FaultEngineKind::Uffd,
     FaultEngineKind::Prefault,
+    FaultEngineKind::Mirror,
 ];
 
 fn require_kvm() {

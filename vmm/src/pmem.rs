@@ -24,6 +24,7 @@ use crate::cmdline::MmioDeviceSpec;
 use crate::fault::dirty_log::{DirtyLog, DirtyLogError};
 use crate::fault::engine::FaultEngine;
 use crate::fault::kernel::KernelEngine;
+use crate::fault::mirror::MirrorEngine;
 use crate::fault::uffd::{UffdEngine, UffdTuning};
 use crate::fault::{FaultStats, PageTracker};
 use crate::layout::{self, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE};
@@ -50,7 +51,7 @@ pub enum AttachError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("KVM dirty logging for the kernel engine: {0}")]
+    #[error("KVM dirty logging for the kernel and mirror engines: {0}")]
     DirtyLog(#[from] DirtyLogError),
     #[error("--pmem file={path},engine={engine}: {source}")]
     Engine {
@@ -100,7 +101,8 @@ impl AttachedPmem {
     }
 }
 
-/// The VM's pmem devices and the dirty log their kernel engines share.
+/// The VM's pmem devices and the dirty log their kernel and mirror engines
+/// share.
 pub struct PmemSet {
     pub devices: Vec<AttachedPmem>,
     /// Present when a device tracks writes through KVM; every vCPU's ring
@@ -175,6 +177,9 @@ fn start_engine(
                 tracker,
             )?)
         }
+        EngineConfig::Mirror => Arc::new(MirrorEngine::start(
+            name, backing, slot, dirty_log, tracker,
+        )?),
         EngineConfig::Uffd(uffd) => UffdEngine::start(
             name,
             backing.file().try_clone()?,
@@ -188,6 +193,16 @@ fn start_engine(
             tracker,
         )?,
     })
+}
+
+/// Whether `config`'s engine on `backing` tracks the guest's writes in
+/// KVM's dirty log, which then must exist before any vCPU.
+fn needs_dirty_log(backing: &PmemBacking, config: &PmemConfig) -> bool {
+    config.engine.logs_dirty()
+        && match config.engine {
+            EngineConfig::Mirror => MirrorEngine::tracks_writes(backing),
+            _ => KernelEngine::tracks_writes(backing),
+        }
 }
 
 /// Opens every `--pmem` backing, maps each into its own memslot (numbered
@@ -221,7 +236,7 @@ pub fn attach(
     let dirty_log = if backings
         .iter()
         .zip(configs)
-        .any(|(b, c)| c.engine.logs_dirty() && KernelEngine::tracks_writes(b))
+        .any(|(b, c)| needs_dirty_log(b, c))
     {
         Some(Arc::new(DirtyLog::new(vm)?))
     } else {
@@ -323,10 +338,7 @@ pub fn attach(
         });
     }
     if let Some(log) = &dirty_log {
-        log::info!(
-            "kernel engine: first writes tracked with the KVM {}",
-            log.kind()
-        );
+        log::info!("pmem: first writes tracked with the KVM {}", log.kind());
     }
     Ok(PmemSet {
         devices: attached,

@@ -1,6 +1,7 @@
-//! KVM dirty logging for the kernel and prefault engines: KVM populates the
-//! pmem memslots from the MAP_SHARED file on its own faults, and reports each
-//! page's first write since the last harvest.
+//! KVM dirty logging for the kernel, prefault and mirror engines: KVM
+//! populates the pmem memslots on its own faults (from the MAP_SHARED file,
+//! or from the mirror engine's memfd), and reports each page's first write
+//! since the last harvest.
 //!
 //! The dirty ring gives exact GFNs per vCPU and costs nothing to harvest when
 //! nothing was written. Where KVM has no ring, KVM_GET_DIRTY_LOG (without
@@ -24,7 +25,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 
-use super::{PageTracker, PAGE_SIZE};
+use super::{Flush, PageStates, PageTracker, PAGE_SIZE};
 use crate::abi::kvm::{
     KVM_CLEAR_DIRTY_LOG, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_GET_DIRTY_LOG,
     KVM_RESET_DIRTY_RINGS,
@@ -41,6 +42,25 @@ struct TrackedSlot {
     slot: u32,
     size: u64,
     shared: Arc<PageTracker>,
+    reads: ReadsLogged,
+}
+
+/// Whether KVM's log of a memslot may report pages the guest only read.
+/// KVM maps a page writable on a read fault when the host's page table has
+/// it writable already, and then logs it as dirty; shmem (tmpfs, a memfd)
+/// maps shared pages writable on read faults. Seen on both host kinds for
+/// reads the guest makes natively (at CPL3 on a nested shadow-paging host,
+/// whose emulated CPL0 reads map nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadsLogged {
+    /// Every logged page was written.
+    No,
+    /// A page's first report may be a read: it is dirty but unverified
+    /// ([`PageStates::mark_maybe_written`]), and the flush compares it
+    /// with the file.
+    ///
+    /// [`PageStates::mark_maybe_written`]: super::PageStates::mark_maybe_written
+    Maybe,
 }
 
 /// One vCPU's ring, mapped from its fd.
@@ -205,11 +225,29 @@ impl DirtyLog {
 
     /// Routes writes to `slot` (created with KVM_MEM_LOG_DIRTY_PAGES) into
     /// `shared`'s page states.
-    pub fn track(&self, slot: u32, size: u64, shared: Arc<PageTracker>) {
+    pub fn track(&self, slot: u32, size: u64, shared: Arc<PageTracker>, reads: ReadsLogged) {
         self.slots
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .push(TrackedSlot { slot, size, shared });
+            .push(TrackedSlot {
+                slot,
+                size,
+                shared,
+                reads,
+            });
+    }
+
+    /// Harvests the log (which re-arms KVM's catch of first writes: every
+    /// device's pages land in its own states), then begins a flush of
+    /// `tracker`, which takes its dirty pages. The harvest counts as the
+    /// flush's re-arming time.
+    pub fn begin_flush<'a>(&self, tracker: &'a PageTracker) -> io::Result<Flush<'a>> {
+        let started = std::time::Instant::now();
+        self.harvest()?;
+        let harvested = started.elapsed();
+        let mut flush = tracker.begin_flush(|_, _| Ok(()))?;
+        flush.add_rearm(harvested);
+        Ok(flush)
     }
 
     fn slots(&self) -> RwLockReadGuard<'_, Vec<TrackedSlot>> {
@@ -294,8 +332,18 @@ fn collect(ring: &mut Ring, slots: &[TrackedSlot]) -> u64 {
 
 fn route(slots: &[TrackedSlot], slot: u32, page: u64) {
     if let Some(t) = slots.iter().find(|t| t.slot == slot) {
-        if !t.shared.states().mark_dirty(page) {
+        if !t.mark(&mut t.shared.states(), page) {
             log::warn!("dirty log: page {page} is outside memslot {slot}");
+        }
+    }
+}
+
+impl TrackedSlot {
+    /// Records that KVM logged `page`; false for a page past the end.
+    fn mark(&self, states: &mut PageStates, page: u64) -> bool {
+        match self.reads {
+            ReadsLogged::No => states.mark_dirty(page),
+            ReadsLogged::Maybe => states.mark_maybe_written(page),
         }
     }
 }
@@ -315,7 +363,7 @@ impl DirtyLog {
                 let mut bits = word;
                 while bits != 0 {
                     let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
-                    states.mark_dirty(page);
+                    t.mark(&mut states, page);
                     bits &= bits - 1;
                     found += 1;
                 }

@@ -17,7 +17,7 @@ use devices::ratelimit::LogLimiter;
 use devices::virtio::pmem::{FlushPolicy, PmemBacking, Writeback, WritebackReport};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 
-use super::dirty_log::DirtyLog;
+use super::dirty_log::{DirtyLog, ReadsLogged};
 use super::engine::{FaultEngine, Memslot};
 use super::file_io::pwrite_all;
 use super::write_through::PmemWriteThrough;
@@ -132,13 +132,7 @@ pub struct DirtyLogWriteback {
 
 impl Writeback for DirtyLogWriteback {
     fn writeback(&mut self) -> io::Result<WritebackReport> {
-        // The harvest re-arms KVM's catch; every device's lands in its own
-        // states, and the flush takes ours.
-        let started = Instant::now();
-        self.log.harvest()?;
-        let harvested = started.elapsed();
-        let mut flush = self.tracker.begin_flush(|_, _| Ok(()))?;
-        flush.add_rearm(harvested);
+        let flush = self.log.begin_flush(&self.tracker)?;
         self.runs.write_back(flush)
     }
 }
@@ -244,7 +238,7 @@ impl KernelEngine {
             .cloned();
         if let Some(log) = &log {
             warn_reads_logged(name, &path, backing.file());
-            log.track(slot, backing.size(), tracker.clone());
+            log.track(slot, backing.size(), tracker.clone(), ReadsLogged::No);
         }
         let guard = Arc::new(TruncationGuard::new(
             backing.file().try_clone()?,

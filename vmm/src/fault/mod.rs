@@ -6,13 +6,19 @@
 //! - `kernel`: KVM populates from the MAP_SHARED file; KVM dirty logging
 //!   ([`dirty_log`]) reports first writes.
 //! - `prefault`: the same, with the region populated before boot.
-//! - [`uffd`]: the VMM serves every fault through userfaultfd.
+//! - [`mirror`]: KVM populates from a memfd mirror of the file, filled at
+//!   start; KVM dirty logging reports first writes, and a flush copies the
+//!   dirty pages from the mirror to the file.
+//! - [`uffd`]: the VMM serves every fault through userfaultfd on a memfd
+//!   mirror.
 
 pub mod dirty_log;
 pub mod engine;
 pub(crate) mod file_io;
 pub mod kernel;
+pub(crate) mod memfd;
 pub mod metrics;
+pub mod mirror;
 pub mod pages;
 pub mod tracker;
 pub mod truncation;

@@ -161,6 +161,26 @@ impl PageStates {
         true
     }
 
+    /// Records a report of a write that may stand for a read: KVM's dirty
+    /// log of a shmem mapping (the mirror engine's memfd) also reports the
+    /// guest's first read of a page, since KVM maps a page writable for a
+    /// read when the host has it writable, and shmem maps shared pages
+    /// writable on read faults. Only the first report of a page can be
+    /// such a read: the harvest write-protects the page in KVM's map, so a
+    /// later report is a write. The page is dirty, and if it was never
+    /// reported before (`Absent`), unverified: its flush compares it with
+    /// the file. Returns false for a page past the end.
+    pub fn mark_maybe_written(&mut self, page: u64) -> bool {
+        if self.check(page).is_none() {
+            return false;
+        }
+        if !self.present.set(page) {
+            self.unverified.set(page);
+        }
+        self.dirty.set(page);
+        true
+    }
+
     /// Starts a writeback: every dirty page becomes clean (writes caught
     /// again) and is returned. A write that lands after this is dirty for the
     /// next flush; the caller re-arms the catch before it copies data out.
@@ -386,6 +406,32 @@ mod tests {
         let mut again = s.take_dirty();
         assert_eq!(again.drop_unchanged(|_| Ok::<_, ()>(true)), Ok(1));
         assert!(!again.contains(7) && again.contains(3));
+    }
+
+    #[test]
+    fn only_the_first_report_of_a_page_may_be_a_read() {
+        let mut s = PageStates::new(8);
+        assert!(s.mark_maybe_written(1));
+        assert!(s.mark_maybe_written(1));
+        // An emulated store, seen as a write, then logged.
+        s.mark_dirty(2);
+        assert!(s.mark_maybe_written(2));
+        assert_eq!(s.counts(), (6, 0, 2));
+        let mut set = s.take_dirty();
+        let mut asked = Vec::new();
+        set.drop_unchanged(|p| {
+            asked.push(p);
+            Ok::<_, ()>(true)
+        })
+        .unwrap();
+        assert_eq!(asked, vec![1]);
+        assert!(!set.contains(1) && set.contains(2));
+        // Reported again after a flush: a write, not compared.
+        s.mark_maybe_written(1);
+        let mut set = s.take_dirty();
+        assert_eq!(set.drop_unchanged(|_| Ok::<_, ()>(true)), Ok(0));
+        assert!(set.contains(1));
+        assert!(!s.mark_maybe_written(8));
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! dirty for the next flush. An access past the end of a file that another
 //! program shrank goes to the [`TruncationGuard`]'s overlay instead: writing
 //! the file there would grow it back.
+//!
+//! The mirror engine uses it on its memfd rather than the file: the guest's
+//! data is in the mirror, and a flush copies the dirtied pages on.
 
 use std::fs::File;
 use std::io;

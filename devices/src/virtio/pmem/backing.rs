@@ -15,7 +15,7 @@ use crate::size::{parse_size, SizeError};
 pub const PMEM_ALIGN: u64 = 2 << 20;
 
 /// Parsed value of `--pmem file=PATH[,size=SIZE][,readonly=on|off][,discard_writes=on|off]`
-/// `[,engine=kernel|uffd|prefault][,flush=dirty|fsync|msync][,populate=N][,poll_us=N]`.
+/// `[,engine=kernel|mirror|uffd|prefault][,flush=dirty|fsync|msync][,populate=N][,poll_us=N]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PmemConfig {
     /// Backing file. Commas cannot appear in it (they separate options).
@@ -36,6 +36,9 @@ pub enum EngineConfig {
     Kernel(FlushPolicy),
     Prefault(FlushPolicy),
     Uffd(UffdConfig),
+    /// The kernel engine's design on a memfd mirror of the file; it takes
+    /// no options (its flush is always the dirty set).
+    Mirror,
 }
 
 impl Default for EngineConfig {
@@ -109,6 +112,7 @@ impl EngineConfig {
             FaultEngineKind::Kernel => Self::Kernel(FlushPolicy::DirtySet),
             FaultEngineKind::Prefault => Self::Prefault(FlushPolicy::DirtySet),
             FaultEngineKind::Uffd => Self::Uffd(UffdConfig::default()),
+            FaultEngineKind::Mirror => Self::Mirror,
         }
     }
 
@@ -117,21 +121,25 @@ impl EngineConfig {
             Self::Kernel(_) => FaultEngineKind::Kernel,
             Self::Prefault(_) => FaultEngineKind::Prefault,
             Self::Uffd(_) => FaultEngineKind::Uffd,
+            Self::Mirror => FaultEngineKind::Mirror,
         }
     }
 
     pub fn flush_policy(&self) -> FlushPolicy {
         match self {
             Self::Kernel(p) | Self::Prefault(p) => *p,
-            Self::Uffd(_) => FlushPolicy::DirtySet,
+            Self::Uffd(_) | Self::Mirror => FlushPolicy::DirtySet,
         }
     }
 
-    /// Whether the engine needs KVM's dirty log.
+    /// Whether the engine needs KVM's dirty log (when the guest's writes
+    /// reach the file).
     pub fn logs_dirty(&self) -> bool {
         matches!(
             self,
-            Self::Kernel(FlushPolicy::DirtySet) | Self::Prefault(FlushPolicy::DirtySet)
+            Self::Kernel(FlushPolicy::DirtySet)
+                | Self::Prefault(FlushPolicy::DirtySet)
+                | Self::Mirror
         )
     }
 
@@ -151,6 +159,10 @@ pub enum FaultEngineKind {
     Uffd,
     /// Like `Kernel`, with the whole region populated before boot.
     Prefault,
+    /// Like `Kernel` on a memfd mirror of the file, filled at start; a
+    /// flush copies the dirty pages from the mirror to the file. Holds the
+    /// device's data twice (mirror and page cache).
+    Mirror,
 }
 
 impl FaultEngineKind {
@@ -159,6 +171,7 @@ impl FaultEngineKind {
             Self::Kernel => "kernel",
             Self::Uffd => "uffd",
             Self::Prefault => "prefault",
+            Self::Mirror => "mirror",
         }
     }
 }
@@ -171,6 +184,7 @@ impl FromStr for FaultEngineKind {
             "kernel" => Ok(Self::Kernel),
             "uffd" => Ok(Self::Uffd),
             "prefault" => Ok(Self::Prefault),
+            "mirror" => Ok(Self::Mirror),
             _ => Err(PmemConfigError::BadEngine(s.to_string())),
         }
     }
@@ -199,7 +213,7 @@ pub enum PmemConfigError {
     BadSize(#[from] SizeError),
     #[error("--pmem file= is empty")]
     EmptyPath,
-    #[error("--pmem engine={0}: expected kernel, uffd or prefault")]
+    #[error("--pmem engine={0}: expected kernel, mirror, uffd or prefault")]
     BadEngine(String),
     #[error("--pmem populate={0}: expected a page count from 1 to {MAX_POPULATE}")]
     BadPopulate(String),
@@ -209,7 +223,7 @@ pub enum PmemConfigError {
     UffdOnly(&'static str),
     #[error("--pmem flush={0}: expected dirty, fsync or msync")]
     BadFlush(String),
-    #[error("--pmem flush= only applies to engine=kernel and engine=prefault")]
+    #[error("--pmem flush= only applies to engine=kernel and engine=prefault (engine=mirror and engine=uffd always write back the dirty pages)")]
     KernelOnly,
     #[error("--pmem readonly=on and discard_writes=on contradict each other: drop one of them")]
     ReadonlyAndDiscard,
@@ -278,7 +292,9 @@ impl FromStr for PmemConfig {
             return Err(PmemConfigError::EmptyPath);
         }
         let engine = match engine.unwrap_or_default() {
-            FaultEngineKind::Uffd if flush.is_some() => return Err(PmemConfigError::KernelOnly),
+            FaultEngineKind::Uffd | FaultEngineKind::Mirror if flush.is_some() => {
+                return Err(PmemConfigError::KernelOnly)
+            }
             FaultEngineKind::Uffd => EngineConfig::Uffd(UffdConfig {
                 populate: populate.unwrap_or(DEFAULT_POPULATE),
                 poll_us: poll_us.unwrap_or(0),
@@ -287,6 +303,7 @@ impl FromStr for PmemConfig {
             _ if poll_us.is_some() => return Err(PmemConfigError::UffdOnly("poll_us")),
             FaultEngineKind::Kernel => EngineConfig::Kernel(flush.unwrap_or_default()),
             FaultEngineKind::Prefault => EngineConfig::Prefault(flush.unwrap_or_default()),
+            FaultEngineKind::Mirror => EngineConfig::Mirror,
         };
         let config = PmemConfig {
             path,
@@ -651,6 +668,16 @@ pub(crate) mod tests {
         assert_eq!(c.engine, EngineConfig::Prefault(FlushPolicy::DirtySet));
         assert_eq!(c.engine.kind(), FaultEngineKind::Prefault);
         assert!(c.engine.logs_dirty());
+        let c: PmemConfig = "file=x,engine=mirror".parse().unwrap();
+        assert_eq!(c.engine, EngineConfig::Mirror);
+        assert_eq!(c.engine.kind(), FaultEngineKind::Mirror);
+        assert_eq!(c.engine.name(), "mirror");
+        assert_eq!(c.engine.flush_policy(), FlushPolicy::DirtySet);
+        assert!(c.engine.logs_dirty());
+        assert_eq!(
+            EngineConfig::with_defaults(FaultEngineKind::Mirror),
+            EngineConfig::Mirror
+        );
         let c: PmemConfig = "file=x,flush=fsync".parse().unwrap();
         assert_eq!(c.engine, EngineConfig::Kernel(FlushPolicy::Fsync));
         assert!(!c.engine.logs_dirty());
@@ -689,6 +716,23 @@ pub(crate) mod tests {
             err("file=x,engine=uffd,flush=fsync"),
             PmemConfigError::KernelOnly
         );
+        for flush in ["dirty", "fsync", "msync"] {
+            assert_eq!(
+                err(&format!("file=x,engine=mirror,flush={flush}")),
+                PmemConfigError::KernelOnly
+            );
+        }
+        assert_eq!(
+            err("file=x,engine=mirror,populate=4"),
+            PmemConfigError::UffdOnly("populate")
+        );
+        assert_eq!(
+            err("file=x,engine=mirror,poll_us=10"),
+            PmemConfigError::UffdOnly("poll_us")
+        );
+        assert!(err("file=x,engine=mirrors")
+            .to_string()
+            .contains("expected kernel, mirror, uffd or prefault"));
         assert_eq!(
             err("file=x,engine=uffd,engine=kernel"),
             PmemConfigError::DuplicateKey("engine".into())

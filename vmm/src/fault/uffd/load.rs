@@ -4,11 +4,10 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 
 use super::policy::Span;
 use super::MAX_POPULATE;
-use crate::fault::file_io::pread_full;
+use crate::fault::file_io::{data_extents, pread_full};
 use crate::fault::PAGE_SIZE;
 
 /// A page-aligned buffer of `MAX_POPULATE` pages: UFFDIO_COPY wants a
@@ -157,41 +156,13 @@ impl Block {
 
     /// Marks which of the `n` pages from `first` lie in holes of the file.
     fn find_holes(&mut self, file: &File, n: u64) {
-        let fd = file.as_raw_fd();
         let first = self.first;
-        let begin = first * PAGE_SIZE;
-        let end = (first + n) * PAGE_SIZE;
         let hole = &mut self.hole[..n as usize];
         hole.fill(true);
-        // SEEK_DATA/SEEK_HOLE move the offset of the file description,
-        // which this dup shares; every user of the file uses positioned I/O
-        // or the mapping, never the offset.
-        let mut off = begin;
-        while off < end {
-            // SAFETY: plain syscall on our fd.
-            let data = unsafe { libc::lseek64(fd, off as libc::off64_t, libc::SEEK_DATA) };
-            if data < 0 {
-                if io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
-                    // No hole support: everything is data.
-                    hole.fill(false);
-                }
-                break;
-            }
-            let data = data as u64;
-            if data >= end {
-                break;
-            }
-            // SAFETY: plain syscall on our fd.
-            let next = unsafe { libc::lseek64(fd, data as libc::off64_t, libc::SEEK_HOLE) };
-            let next = if next < 0 {
-                end
-            } else {
-                (next as u64).clamp(data + 1, end)
-            };
-            for p in data / PAGE_SIZE..next.div_ceil(PAGE_SIZE) {
+        for data in data_extents(file, first * PAGE_SIZE, (first + n) * PAGE_SIZE) {
+            for p in data.start / PAGE_SIZE..data.end.div_ceil(PAGE_SIZE) {
                 hole[(p - first) as usize] = false;
             }
-            off = next;
         }
     }
 }

@@ -2,19 +2,13 @@
 //! change it: copy pages in, (un)protect, wake. Also the reads of the mirror
 //! a flush makes. No decisions here: the policy makes them.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::abi::userfaultfd as sys;
-use crate::fault::file_io::{pread_full, pwrite_all};
+use crate::fault::memfd::{last_err, MemfdMap};
 use crate::fault::{Run, PAGE_SIZE};
-
-pub(super) fn last_err(what: &str) -> io::Error {
-    let e = io::Error::last_os_error();
-    io::Error::new(e.kind(), format!("{what}: {e}"))
-}
 
 pub(super) fn errno() -> Option<i32> {
     io::Error::last_os_error().raw_os_error()
@@ -59,40 +53,18 @@ fn open_uffd() -> io::Result<OwnedFd> {
 }
 
 /// The mirror, its userfaultfd and the file: what the servicer thread and
-/// the flush share. Unmapped on drop.
+/// the flush share. The mirror is unmapped on drop, once the servicer
+/// thread, its only other user, has exited.
 pub(super) struct Mirror {
     pub name: String,
     /// The backing file's path, for messages.
     pub path: String,
-    pub base: *mut u8,
-    pub size: u64,
+    pub map: MemfdMap,
     pub file: File,
     pub uffd: OwnedFd,
     /// Test hook: the next N reservations fail with ENOSPC.
     #[cfg(test)]
     pub inject_enospc: std::sync::atomic::AtomicU32,
-}
-
-// SAFETY: `base` points to a MAP_SHARED mapping that lives as long as the
-// Mirror; it is only handed to the kernel (ioctls, pwrite) or read and
-// written through raw pointers, never as Rust references, so sharing it
-// between threads is sound.
-unsafe impl Send for Mirror {}
-// SAFETY: as for Send; every other field is Sync.
-unsafe impl Sync for Mirror {}
-
-impl Drop for Mirror {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `Mirror::new`; the
-        // servicer thread, its only other user, has exited.
-        if unsafe { libc::munmap(self.base.cast(), self.size as usize) } != 0 {
-            log::error!(
-                "{}: munmap of the uffd mirror failed: {}",
-                self.name,
-                io::Error::last_os_error()
-            );
-        }
-    }
 }
 
 /// What `copy` did to one page.
@@ -138,63 +110,17 @@ impl Mirror {
             )));
         }
 
-        let memfd_name = CString::new(format!("pmemvm-{name}")).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{name}: NUL in the device name"),
-            )
-        })?;
-        // SAFETY: a valid C string; returns a new fd or -1.
-        let memfd = unsafe { libc::memfd_create(memfd_name.as_ptr(), libc::MFD_CLOEXEC) };
-        if memfd < 0 {
-            return Err(last_err("memfd_create"));
-        }
-        // SAFETY: a fresh descriptor that nothing else owns.
-        let memfd = unsafe { OwnedFd::from_raw_fd(memfd) };
-        // SAFETY: plain syscall on our fd.
-        if unsafe { libc::ftruncate64(memfd.as_raw_fd(), size as libc::off64_t) } != 0 {
-            return Err(last_err("ftruncate of the memfd mirror"));
-        }
-        let prot = if readonly {
-            libc::PROT_READ
-        } else {
-            libc::PROT_READ | libc::PROT_WRITE
-        };
-        // SAFETY: a new shared mapping of our memfd at an address the
-        // kernel picks; no existing memory is affected.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size as usize,
-                prot,
-                libc::MAP_SHARED,
-                memfd.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(last_err("mmap of the memfd mirror"));
-        }
-        // The mapping keeps the memfd's pages; the fd is no longer needed.
-        drop(memfd);
+        let map = MemfdMap::new(name, size, readonly)?;
+        let base = map.base();
         let mirror = Mirror {
             name: name.to_string(),
             path,
-            base: base.cast(),
-            size,
+            map,
             file,
             uffd,
             #[cfg(test)]
             inject_enospc: Default::default(),
         };
-        // A child process must not inherit the guest's memory.
-        // SAFETY: advice on our own mapping.
-        if unsafe { libc::madvise(base, size as usize, libc::MADV_DONTFORK) } != 0 {
-            log::warn!(
-                "{name}: MADV_DONTFORK on the mirror: {}",
-                io::Error::last_os_error()
-            );
-        }
 
         let mode = sys::UFFDIO_REGISTER_MODE_MISSING
             | if readonly {
@@ -233,12 +159,12 @@ impl Mirror {
 
     /// The mirror page at `addr`, or `None` outside the mirror.
     pub(super) fn page_of(&self, addr: u64) -> Option<u64> {
-        let offset = addr.checked_sub(self.base as u64)?;
-        (offset < self.size).then_some(offset / PAGE_SIZE)
+        let offset = addr.checked_sub(self.map.base() as u64)?;
+        (offset < self.map.size()).then_some(offset / PAGE_SIZE)
     }
 
     fn addr(&self, page: u64) -> u64 {
-        self.base as u64 + page * PAGE_SIZE
+        self.map.base() as u64 + page * PAGE_SIZE
     }
 
     fn ioctl<T>(&self, request: libc::c_ulong, arg: &mut T) -> libc::c_int {
@@ -343,37 +269,12 @@ impl Mirror {
     /// past its end), that is, the data it was populated with: this engine
     /// is the file's only writer.
     pub(super) fn unchanged(&self, page: u64) -> io::Result<bool> {
-        let mut file = [0u8; PAGE_SIZE as usize];
-        // SAFETY: `file` is PAGE_SIZE bytes.
-        let got =
-            unsafe { pread_full(&self.file, file.as_mut_ptr(), file.len(), page * PAGE_SIZE) }?;
-        file[got..].fill(0);
-        let mut mirror = [0u8; PAGE_SIZE as usize];
-        // SAFETY: the page lies in the mirror and is present (it is dirty);
-        // the copy reads it through a raw pointer, as the writeback does.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.base.add((page * PAGE_SIZE) as usize),
-                mirror.as_mut_ptr(),
-                mirror.len(),
-            )
-        };
-        Ok(file == mirror)
+        self.map.unchanged(&self.file, page)
     }
 
     /// Copies a run of the mirror to the file.
     pub(super) fn write_run(&self, run: Run) -> io::Result<()> {
-        // SAFETY: the run lies inside the mirror (dirty pages are present, so
-        // reading them raises no fault); the kernel reads it, no reference
-        // to the concurrently written memory is formed.
-        unsafe {
-            pwrite_all(
-                &self.file,
-                self.base.add(run.offset() as usize),
-                run.bytes() as usize,
-                run.offset(),
-            )
-        }
+        self.map.write_run(&self.file, run)
     }
 }
 

@@ -95,7 +95,7 @@ impl std::fmt::Debug for UffdEngine {
         f.debug_struct("UffdEngine")
             .field("name", &self.mirror.name)
             .field("path", &self.mirror.path)
-            .field("size", &self.mirror.size)
+            .field("size", &self.mirror.map.size())
             .field("populate", &self.region.populate)
             .finish()
     }
@@ -182,11 +182,11 @@ impl UffdEngine {
 
     /// The mirror, for the memslot.
     pub fn host_addr(&self) -> *mut u8 {
-        self.mirror.base
+        self.mirror.map.base()
     }
 
     pub fn size(&self) -> u64 {
-        self.mirror.size
+        self.mirror.map.size()
     }
 
     /// The flush of this device.
@@ -211,7 +211,7 @@ impl FaultEngine for UffdEngine {
     /// The guest sees the engine's mirror, not the file's mapping.
     fn memslot(&self) -> Memslot {
         Memslot {
-            host: self.mirror.base as u64,
+            host: self.mirror.map.base() as u64,
             flags: if self.region.readonly {
                 kvm_bindings::KVM_MEM_READONLY
             } else {
