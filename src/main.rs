@@ -63,7 +63,7 @@ enum BenchCommand {
 
 #[derive(clap::Args)]
 struct BenchCommonArgs {
-    /// Fault engines to compare, side by side: kernel, uffd, prefault, and
+    /// Fault engines to compare, side by side: kernel, mirror, uffd, prefault, and
     /// the peers peer-fsync (QEMU, Cloud Hypervisor) and peer-msync
     /// (crosvm, Firecracker): the kernel engine's mapping flushed as they
     /// do (default: the engines for faults; engines and peers for flush).

@@ -966,11 +966,15 @@ fn render(config: &PmemConfig) -> String {
     if let Some(size) = config.size {
         s.push_str(&format!(",size={size}"));
     }
-    if let EngineConfig::Uffd(uffd) = config.engine {
-        s.push_str(&format!(
+    match config.engine {
+        EngineConfig::Uffd(uffd) => s.push_str(&format!(
             ",populate={},poll_us={}",
             uffd.populate, uffd.poll_us
-        ));
+        )),
+        EngineConfig::Kernel(flush) | EngineConfig::Prefault(flush) => {
+            s.push_str(&format!(",flush={}", flush.name()))
+        }
+        _ => {}
     }
     s
 }
@@ -999,6 +1003,7 @@ fn check_pmem_config(s: &str) {
             "file" => assert_eq!(config.path.to_str(), Some(value), "path of {s:?}"),
             "size" => assert_eq!(config.size, parse_size(value).ok(), "size of {s:?}"),
             "engine" => assert_eq!(config.engine.name(), value, "engine of {s:?}"),
+            "flush" => assert_eq!(config.engine.flush_policy().name(), value, "flush of {s:?}"),
             "populate" => assert_eq!(
                 value.parse::<u16>().ok(),
                 Some(uffd.populate),
@@ -1043,6 +1048,13 @@ fn check_pmem_config(s: &str) {
     assert!(
         uffd_engine || !keys.contains(&"poll_us"),
         "{s:?}: poll_us= without engine=uffd"
+    );
+    assert!(
+        matches!(
+            config.engine,
+            EngineConfig::Kernel(_) | EngineConfig::Prefault(_)
+        ) || !keys.contains(&"flush"),
+        "{s:?}: flush= without engine=kernel or prefault"
     );
     let again = render(&config);
     assert_eq!(

@@ -129,8 +129,9 @@ pub enum ProbeCase {
 }
 
 impl ProbeCase {
-    pub const ENGINES: [ProbeCase; 3] = [
+    pub const ENGINES: [ProbeCase; 4] = [
         Self::Engine(FaultEngineKind::Kernel),
+        Self::Engine(FaultEngineKind::Mirror),
         Self::Engine(FaultEngineKind::Uffd),
         Self::Engine(FaultEngineKind::Prefault),
     ];
@@ -193,7 +194,7 @@ impl FromStr for ProbeCase {
             "peer-msync" => Ok(Self::Peer(FlushPolicy::Msync)),
             _ => s.parse::<FaultEngineKind>().map(Self::Engine).map_err(|_| {
                 ProbeError::Config(format!(
-                    "--engine {s}: expected kernel, uffd, prefault, peer-fsync or peer-msync"
+                    "--engine {s}: expected kernel, mirror, uffd, prefault, peer-fsync or peer-msync"
                 ))
             }),
         }
