@@ -228,7 +228,7 @@ pub struct Breakdown {
     /// Taking the dirty set and arming the next catch: the dirty-log
     /// harvest and its re-protect, or uffd's write-protect.
     pub rearm_us: f64,
-    /// sync_file_range, or pwrite from the mirror.
+    /// sync_file_range, or pwrite from the mirror (mirror, uffd engines).
     pub write_us: f64,
     /// fdatasync, or the peer's fsync or msync.
     pub sync_us: f64,
@@ -683,8 +683,8 @@ pub fn table(rows: &[FlushSummaryRow]) -> String {
         let _ = writeln!(
             out,
             "\nwhere a flush's time goes (medians, us): re-arm = dirty-log harvest and re-protect \
-             (uffd: write-protect); write = sync_file_range (uffd: pwrite); sync = fdatasync (peers: \
-             fsync/msync); other = the rest of the guest's wait; re-faults = the guest's next writes of the pages"
+             (uffd: write-protect); write = sync_file_range (mirror, uffd: pwrite from the mirror); \
+             sync = fdatasync (peers: fsync/msync); other = the rest of the guest's wait; re-faults = the guest's next writes of the pages"
         );
         let _ = writeln!(
             out,
