@@ -1127,6 +1127,30 @@ mod tests {
     }
 
     #[test]
+    fn a_region_sweep_is_drawn_by_region_size() {
+        let mut v: serde_json::Value = serde_json::from_str(&flush_json()).unwrap();
+        v["config"]["region_pages"] = serde_json::json!([4096, 1_048_576]);
+        let rows = v["summary"].as_array().unwrap().clone();
+        let mut big = rows.clone();
+        for r in &mut big {
+            r["region_pages"] = 1_048_576.into();
+        }
+        v["summary"] = rows.into_iter().chain(big).collect();
+        let report = parse_str(&v.to_string()).unwrap();
+        assert!(report.summary().contains("region 4096 MiB (1048576 pages)"));
+        let texts = svg_texts(&report.svg().unwrap());
+        for wanted in [
+            "pmemvm bench flush: flush latency (p50) by region size",
+            "probe kernel, 1 dirty",
+            "host fdatasync, 64 dirty",
+            "16",
+            "4096",
+        ] {
+            assert!(texts.iter().any(|t| t == wanted), "{wanted}: {texts:?}");
+        }
+    }
+
+    #[test]
     fn bad_input_gives_its_own_error() {
         let missing = std::env::temp_dir().join("pmemvm-report-test-no-such-file.json");
         let err = load(&missing).unwrap_err();
