@@ -1,8 +1,12 @@
 # pmemvm: build, guest image, demo boot, checks and benchmarks.
 # `make run` and `make test` work from a fresh Debian 12 machine with /dev/kvm.
 
+# What `make run` and this machine's tests need: the guest kernel's build,
+# the initramfs and the file systems the tests make.
 PKGS := linux-source-6.1 flex bison libelf-dev libssl-dev bc xz-utils patch \
-        make gcc musl-tools cpio qemu-system-x86 e2fsprogs xfsprogs kmod
+        make gcc musl-tools cpio e2fsprogs xfsprogs kmod
+# QEMU, for the NPT host and the comparisons with QEMU only.
+QEMU_PKGS := qemu-system-x86
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PMEMVM := target/release/pmemvm
 GUEST := --kernel target/guest/vmlinux --initrd target/guest/initramfs.cpio.gz
@@ -11,20 +15,28 @@ GUEST := --kernel target/guest/vmlinux --initrd target/guest/initramfs.cpio.gz
 # a _ in the file name).
 BENCHES := boot vs-qemu
 
-.PHONY: all deps guest npt-host stock-kernel build run lint test test-host test-npt $(addprefix bench-,$(BENCHES)) bench-flush bench-faults
+.PHONY: all deps deps-qemu guest npt-host stock-kernel build run lint test test-host test-npt $(addprefix bench-,$(BENCHES)) bench-flush bench-faults
 
 all: build
 
-# Installs only the missing packages, so a second run needs no network.
-deps:
-	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust (https://rustup.rs) and put ~/.cargo/bin on PATH" >&2; exit 1; }
-	@missing=$$(for p in $(PKGS); do \
+# Installs only the missing packages of $(1), without recommends, so a
+# second run needs no network.
+define install
+	@missing=$$(for p in $(1); do \
 		dpkg-query -W -f='$${db:Status-Status}' $$p 2>/dev/null | grep -qx installed || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing:" $$missing; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
 	fi
+endef
+
+deps:
+	@command -v cargo >/dev/null || { echo "error: cargo not found; install Rust (https://rustup.rs) and put ~/.cargo/bin on PATH" >&2; exit 1; }
+	$(call install,$(PKGS))
+
+deps-qemu:
+	$(call install,$(QEMU_PKGS))
 
 guest: deps
 	guest-images/build.sh
@@ -32,7 +44,7 @@ guest: deps
 # The NPT host: an L1 Linux that QEMU TCG runs with AMD SVM and nested
 # paging, so its KVM is a real two-dimensional-paging one
 # (guest-images/npt-host/run CMD runs CMD inside it).
-npt-host: deps
+npt-host: deps deps-qemu
 	guest-images/npt-host/build.sh
 
 # Debian's stock kernel with the test init and its modules, for pmemvm --acpi.
@@ -64,7 +76,7 @@ test-host:
 	cargo test --workspace --release
 
 # The NPT host only.
-test-npt:
+test-npt: deps-qemu
 	tests/npt-host.sh
 
 # The in-guest DAX checks (init.c's dax mode) on ext4, xfs and a read-only
@@ -73,7 +85,7 @@ test-npt:
 dax-test: guest
 	cargo test --release --test e2e dax_ext4_xfs -- --nocapture
 
-$(addprefix bench-,$(BENCHES)): bench-%: guest build
+$(addprefix bench-,$(BENCHES)): bench-%: guest build deps-qemu
 	cargo bench --bench bench_$(subst -,_,$*)
 
 # Flush requests timed end to end in the probe guest (guest request to
