@@ -293,8 +293,15 @@ impl Vm {
         while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(1)) {
             self.push(line);
         }
+        // Said apart, since tests/npt-host.sh tells an L2 guest that never
+        // started (QEMU's fault there) from one that went wrong.
+        let silent = if self.output.is_empty() {
+            " (the guest printed nothing)"
+        } else {
+            ""
+        };
         panic!(
-            "pmemvm killed after {:.1?} waiting for {what}; output:\n{}",
+            "pmemvm killed after {:.1?} waiting for {what}{silent}; output:\n{}",
             self.started.elapsed(),
             self.output
         );
