@@ -198,11 +198,7 @@ fn start_engine(
 /// Whether `config`'s engine on `backing` tracks the guest's writes in
 /// KVM's dirty log, which then must exist before any vCPU.
 fn needs_dirty_log(backing: &PmemBacking, config: &PmemConfig) -> bool {
-    config.engine.logs_dirty()
-        && match config.engine {
-            EngineConfig::Mirror => MirrorEngine::tracks_writes(backing),
-            _ => KernelEngine::tracks_writes(backing),
-        }
+    config.engine.logs_dirty() && backing.writes_reach_file()
 }
 
 /// Opens every `--pmem` backing, maps each into its own memslot (numbered

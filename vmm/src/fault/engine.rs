@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::BusDevice;
 use devices::virtio::pmem::Writeback;
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 
 use super::{FaultStats, PageTracker};
 
@@ -20,6 +21,21 @@ use super::{FaultStats, PageTracker};
 pub struct Memslot {
     pub host: u64,
     pub flags: u32,
+}
+
+impl Memslot {
+    /// The slot at `host`, read-only for the guest if `readonly`, with
+    /// KVM's dirty log if `logged`.
+    pub fn new(host: u64, readonly: bool, logged: bool) -> Self {
+        let mut flags = 0;
+        if readonly {
+            flags |= KVM_MEM_READONLY;
+        }
+        if logged {
+            flags |= KVM_MEM_LOG_DIRTY_PAGES;
+        }
+        Self { host, flags }
+    }
 }
 
 pub trait FaultEngine: Send + Sync {

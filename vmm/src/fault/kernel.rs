@@ -15,7 +15,6 @@ use std::time::Instant;
 use devices::bus::BusDevice;
 use devices::ratelimit::LogLimiter;
 use devices::virtio::pmem::{FlushPolicy, PmemBacking, Writeback, WritebackReport};
-use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 
 use super::dirty_log::{DirtyLog, ReadsLogged};
 use super::engine::{FaultEngine, Memslot};
@@ -209,14 +208,8 @@ pub struct KernelEngine {
 static GUARD_FAILED: LogLimiter = LogLimiter::new(4, 100_000);
 
 impl KernelEngine {
-    /// Whether the guest's writes to `backing` reach the file, so that
-    /// they are tracked in KVM's dirty log.
-    pub fn tracks_writes(backing: &PmemBacking) -> bool {
-        !backing.readonly() && !backing.discard_writes()
-    }
-
     /// The engine on `backing`'s mapping, which must outlive it; `log` is
-    /// the VM's dirty log if [`Self::tracks_writes`] and the policy is
+    /// the VM's dirty log if [`PmemBacking::writes_reach_file`] and the policy is
     /// [`FlushPolicy::DirtySet`], and `slot` the region's memslot.
     /// `prefault` populates the whole region first.
     pub fn start(
@@ -232,7 +225,7 @@ impl KernelEngine {
         if prefault {
             populate(backing)?;
         }
-        let writes_reach_file = Self::tracks_writes(backing);
+        let writes_reach_file = backing.writes_reach_file();
         let log = log
             .filter(|_| writes_reach_file && flush == FlushPolicy::DirtySet)
             .cloned();
@@ -275,17 +268,7 @@ impl FaultEngine for KernelEngine {
     }
 
     fn memslot(&self) -> Memslot {
-        let mut flags = 0;
-        if self.readonly {
-            flags |= KVM_MEM_READONLY;
-        }
-        if self.log.is_some() {
-            flags |= KVM_MEM_LOG_DIRTY_PAGES;
-        }
-        Memslot {
-            host: self.host as u64,
-            flags,
-        }
+        Memslot::new(self.host as u64, self.readonly, self.log.is_some())
     }
 
     fn writeback(&self) -> io::Result<Box<dyn Writeback>> {

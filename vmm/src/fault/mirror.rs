@@ -32,13 +32,11 @@
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::bus::BusDevice;
 use devices::virtio::pmem::{PmemBacking, Writeback, WritebackReport};
-use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 
 use super::dirty_log::{DirtyLog, ReadsLogged};
 use super::engine::{FaultEngine, Memslot};
@@ -59,14 +57,8 @@ pub struct MirrorEngine {
 }
 
 impl MirrorEngine {
-    /// Whether the guest's writes to `backing` reach the file, so that they
-    /// are tracked in KVM's dirty log.
-    pub fn tracks_writes(backing: &PmemBacking) -> bool {
-        !backing.readonly() && !backing.discard_writes()
-    }
-
     /// Creates the mirror of `backing` and fills it from the file; `log` is
-    /// the VM's dirty log (required if [`Self::tracks_writes`]), and `slot`
+    /// the VM's dirty log (required if [`PmemBacking::writes_reach_file`]), and `slot`
     /// the region's memslot.
     pub fn start(
         name: &str,
@@ -77,7 +69,7 @@ impl MirrorEngine {
     ) -> io::Result<Self> {
         let path = backing.path().display().to_string();
         let size = backing.size();
-        let log = if Self::tracks_writes(backing) {
+        let log = if backing.writes_reach_file() {
             Some(log.cloned().ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -125,17 +117,7 @@ impl FaultEngine for MirrorEngine {
 
     /// The guest sees the mirror, not the file's mapping.
     fn memslot(&self) -> Memslot {
-        let mut flags = 0;
-        if self.readonly {
-            flags |= KVM_MEM_READONLY;
-        }
-        if self.log.is_some() {
-            flags |= KVM_MEM_LOG_DIRTY_PAGES;
-        }
-        Memslot {
-            host: self.map.base() as u64,
-            flags,
-        }
+        Memslot::new(self.map.base() as u64, self.readonly, self.log.is_some())
     }
 
     fn writeback(&self) -> io::Result<Box<dyn Writeback>> {
@@ -226,23 +208,11 @@ impl MirrorRuns {
         // every copy is the mirror, not the page cache, so a retry of the
         // redirtied pages copies them again and dirties the page cache anew.
         if !self.failed {
-            match flush
-                .set_mut()
-                .drop_unchanged(|page| map.unchanged(file, page))
-            {
-                Ok(skipped) => {
-                    flush
-                        .tracker()
-                        .metrics
-                        .unchanged_skipped
-                        .fetch_add(skipped, Relaxed);
-                }
-                Err(e) => {
-                    return flush.finish(Err(io::Error::new(
-                        e.kind(),
-                        format!("comparing a logged page with the file: {e}"),
-                    )))
-                }
+            if let Err(e) = flush.skip_unchanged(|page| map.unchanged(file, page)) {
+                return flush.finish(Err(io::Error::new(
+                    e.kind(),
+                    format!("comparing a logged page with the file: {e}"),
+                )));
             }
         }
         #[cfg(test)]
@@ -496,7 +466,7 @@ mod tests {
     fn a_read_only_device_maps_a_read_only_mirror() {
         let (path, b) = backing("ro", ",readonly=on");
         let engine = MirrorEngine::start("ro", &b, 3, None, PageTracker::new(b.size())).unwrap();
-        assert_eq!(engine.memslot().flags, KVM_MEM_READONLY);
+        assert_eq!(engine.memslot().flags, kvm_bindings::KVM_MEM_READONLY);
         assert!(engine.emulated_access().unwrap().is_none());
         let mut got = [0u8; 7];
         engine

@@ -155,9 +155,19 @@ impl<'a> Flush<'a> {
         &self.set
     }
 
-    /// For dropping pages the flush need not write (unchanged ones).
-    pub fn set_mut(&mut self) -> &mut DirtySet {
-        &mut self.set
+    /// Drops each unverified page that `unchanged` finds as the file holds
+    /// it (it need not be written) and counts them; an error keeps the
+    /// page in the set.
+    pub fn skip_unchanged(
+        &mut self,
+        unchanged: impl FnMut(u64) -> io::Result<bool>,
+    ) -> io::Result<()> {
+        let skipped = self.set.drop_unchanged(unchanged)?;
+        self.tracker
+            .metrics
+            .unchanged_skipped
+            .fetch_add(skipped, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Ends the flush. Success counts it (the pages stay clean); failure

@@ -548,6 +548,12 @@ impl PmemBacking {
         self.discard_writes
     }
 
+    /// Whether the guest's writes reach the file, so that an engine must
+    /// track them and write them back.
+    pub fn writes_reach_file(&self) -> bool {
+        !self.readonly && !self.discard_writes
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -210,14 +210,8 @@ impl FaultEngine for UffdEngine {
 
     /// The guest sees the engine's mirror, not the file's mapping.
     fn memslot(&self) -> Memslot {
-        Memslot {
-            host: self.mirror.map.base() as u64,
-            flags: if self.region.readonly {
-                kvm_bindings::KVM_MEM_READONLY
-            } else {
-                0
-            },
-        }
+        // uffd, not KVM's dirty log, catches first writes.
+        Memslot::new(self.mirror.map.base() as u64, self.region.readonly, false)
     }
 
     fn writeback(&self) -> io::Result<Box<dyn Writeback>> {

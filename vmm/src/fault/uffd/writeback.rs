@@ -2,7 +2,6 @@
 //! catch of the next write), then copy them from the mirror to the file.
 
 use std::io;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use devices::virtio::pmem::{Writeback, WritebackReport};
@@ -50,22 +49,14 @@ impl Writeback for UffdWriteback {
         // A write from here on faults and is dirty for the next flush; one
         // before the protection is in the mirror and is copied below, or
         // seen by the comparison of the unverified pages here.
-        match flush.set_mut().drop_unchanged(|page| m.unchanged(page)) {
-            Ok(skipped) => {
-                tracker
-                    .metrics
-                    .unchanged_skipped
-                    .fetch_add(skipped, Relaxed);
-            }
-            Err(e) => {
-                return flush.finish(Err(io::Error::new(
-                    e.kind(),
-                    format!(
-                        "{}: comparing an unverified page with the file: {e}",
-                        m.name
-                    ),
-                )));
-            }
+        if let Err(e) = flush.skip_unchanged(|page| m.unchanged(page)) {
+            return flush.finish(Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "{}: comparing an unverified page with the file: {e}",
+                    m.name
+                ),
+            )));
         }
         if region.discard_writes {
             return flush.finish(Ok(Written::Discarded));
