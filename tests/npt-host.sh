@@ -63,12 +63,14 @@ for s in "${suites[@]}"; do
     # strikes at random points of boot, a trace shows a fetch fault on the
     # page the guest was executing, and QEMU/KVM guests in L1 fail the same
     # way), and so is an L2 guest that never printed a line (the hang of
-    # the same emulation; a test says "the guest printed nothing"): the
+    # the same emulation; a test says "the guest printed nothing", or "the
+    # guest stalled in early boot" when it went silent before init): the
     # suite runs again, at most twice, and the summary says so. Any other
     # failure stands.
     faults=0
     while [ "$rc" -ne 0 ] && [ "$faults" -lt 2 ] &&
-        grep -q -e "guest shut down (triple fault)" -e "(the guest printed nothing)" "$out"; do
+        grep -q -e "guest shut down (triple fault)" -e "(the guest printed nothing)" \
+            -e "(the guest stalled in early boot)" "$out"; do
         faults=$((faults + 1))
         echo "=== npt-host: $s: an L2 guest triple-faulted or never started (QEMU's SVM emulation); running the suite again ($faults of 2)" >&2
         "$run" "${cmd[@]}" 2>&1 | tee "$out"
