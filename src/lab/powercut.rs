@@ -1022,3 +1022,346 @@ impl fuser::Filesystem for FuseServer {
         reply.error(Errno::ENOSYS);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::{self, File, OpenOptions};
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    /// A mount in a fresh temp dir; unmounted and removed on drop.
+    struct TestMount {
+        fs: Option<PowerCutFs>,
+        dir: PathBuf,
+    }
+
+    impl TestMount {
+        fn new(tag: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("pmemvm-powercut-{}-{tag}", std::process::id()));
+            let fs = PowerCutFs::mount(&dir).unwrap_or_else(|e| panic!("{e}"));
+            TestMount { fs: Some(fs), dir }
+        }
+
+        fn fs(&self) -> &PowerCutFs {
+            self.fs.as_ref().unwrap()
+        }
+    }
+
+    impl Drop for TestMount {
+        fn drop(&mut self) {
+            drop(self.fs.take());
+            let _ = fs::remove_dir(&self.dir);
+        }
+    }
+
+    fn rw(path: &Path) -> File {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
+    }
+
+    fn errno(r: io::Result<impl std::fmt::Debug>) -> i32 {
+        r.expect_err("the call should have failed")
+            .raw_os_error()
+            .unwrap()
+    }
+
+    fn page_of(b: u8) -> Vec<u8> {
+        vec![b; PAGE]
+    }
+
+    #[test]
+    fn fsynced_writes_survive_the_cut_and_later_ones_do_not() {
+        let m = TestMount::new("basic");
+        let fs = m.fs();
+        let mut f = File::create(fs.path("a.img")).unwrap();
+        f.write_all(&[1; 10_000]).unwrap();
+        f.sync_all().unwrap();
+        f.write_all_at(&[2; 100], 0).unwrap();
+        f.write_all_at(&[3; 100], 20_000).unwrap();
+
+        let img = fs.cut("a.img").unwrap();
+        assert_eq!(img.size(), 10_000);
+        assert_eq!(img.to_vec(), vec![1; 10_000]);
+
+        // Refused, and nothing durable changes.
+        assert_eq!(errno(f.write_at(&[4; 10], 0)), libc::EIO);
+        assert_eq!(errno(f.sync_all()), libc::EIO);
+        assert_eq!(errno(f.set_len(0)), libc::EIO);
+        assert_eq!(fs.durable("a.img").unwrap(), img);
+        let c = fs.counters("a.img").unwrap();
+        assert_eq!((c.writes, c.syncs, c.refused_after_cut), (3, 1, 3), "{c:?}");
+
+        // Reads serve the state at the cut.
+        let mut buf = Vec::new();
+        File::open(fs.path("a.img"))
+            .unwrap()
+            .read_to_end(&mut buf)
+            .unwrap();
+        assert_eq!(buf.len(), 20_100);
+        assert_eq!(&buf[..100], &[2; 100]);
+        assert_eq!(&buf[100..10_000], &[1; 9_900]);
+        assert!(fs.cut("nope").is_err());
+    }
+
+    #[test]
+    fn mmap_stores_are_durable_only_after_msync() {
+        let m = TestMount::new("mmap");
+        let fs = m.fs();
+        let len = 16 * PAGE;
+        let f = rw(&fs.path("m.img"));
+        f.set_len(len as u64).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: a fresh mapping of a file we own, length within the file;
+        // we check for MAP_FAILED and unmap it below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "{}", io::Error::last_os_error());
+        let p = p.cast::<u8>();
+        // SAFETY: pages 3 and 5 lie inside the mapping, which nothing else
+        // aliases; msync covers exactly the mapping.
+        unsafe {
+            p.add(3 * PAGE).write_bytes(0xab, PAGE);
+            assert_eq!(libc::msync(p.cast(), len, libc::MS_SYNC), 0);
+            p.add(5 * PAGE).write_bytes(0xcd, 16);
+        }
+        let img = fs.cut("m.img").unwrap();
+        assert_eq!(img.size(), len as u64);
+        assert_eq!(img.stored_pages().collect::<Vec<_>>(), [3]);
+        assert_eq!(img.page(3), &[0xab; PAGE]);
+        assert_eq!(img.page(5), &[0; PAGE]);
+
+        // Unmapping (or the fsync) writes page 5 back: refused, and the
+        // image stands. The fsync fails with that writeback's EIO.
+        // SAFETY: the mapping made above, not used after this.
+        assert_eq!(unsafe { libc::munmap(p.cast(), len) }, 0);
+        assert_eq!(errno(f.sync_data()), libc::EIO);
+        drop(f);
+        assert_eq!(fs.durable("m.img").unwrap(), img);
+        let c = fs.counters("m.img").unwrap();
+        assert_eq!((c.writes, c.syncs), (1, 2), "{c:?}");
+        assert!(c.refused_after_cut >= 1, "{c:?}");
+    }
+
+    #[test]
+    fn the_sync_log_lists_the_pages_each_sync_wrote() {
+        let m = TestMount::new("log");
+        let fs = m.fs();
+        let f = rw(&fs.path("l.img"));
+        f.write_all_at(&page_of(1), 0).unwrap();
+        f.write_all_at(&page_of(2), 2 * PAGE_U64).unwrap();
+        f.sync_data().unwrap();
+        f.write_all_at(&[5; 10], 5 * PAGE_U64 + 100).unwrap();
+        f.write_all_at(&[6; 10], 2 * PAGE_U64 + PAGE_U64 - 5)
+            .unwrap();
+        f.sync_all().unwrap();
+        f.sync_all().unwrap();
+        let size = 5 * PAGE_U64 + 110;
+        assert_eq!(
+            fs.sync_log("l.img").unwrap(),
+            [
+                SyncRecord {
+                    pages: vec![0, 2],
+                    size: 3 * PAGE_U64
+                },
+                SyncRecord {
+                    pages: vec![2, 3, 5],
+                    size
+                },
+                SyncRecord {
+                    pages: vec![],
+                    size
+                },
+            ]
+        );
+        let c = fs.counters("l.img").unwrap();
+        assert_eq!((c.writes, c.syncs, c.pages_synced), (4, 3, 5), "{c:?}");
+        assert_eq!(c.bytes_written, 2 * PAGE_U64 + 20);
+    }
+
+    #[test]
+    fn truncation_extension_and_holes_are_volatile_until_fsync() {
+        let m = TestMount::new("size");
+        let fs = m.fs();
+        let name = "t.img";
+        let mut f = rw(&fs.path(name));
+        f.write_all_at(&[0x11; 3 * PAGE], 0).unwrap();
+        f.sync_all().unwrap();
+        let synced = fs.durable(name).unwrap();
+        assert_eq!(synced.to_vec(), vec![0x11; 3 * PAGE]);
+
+        // Shrink, then extend again: the current view shows zeroes beyond
+        // the cut point, the durable state is untouched until fsync.
+        f.set_len(5000).unwrap();
+        f.set_len(3 * PAGE_U64).unwrap();
+        let mut now = vec![0; 3 * PAGE];
+        f.read_exact_at(&mut now, 0).unwrap();
+        assert_eq!(&now[..5000], &[0x11; 5000]);
+        assert!(now[5000..].iter().all(|&b| b == 0));
+        assert_eq!(fs.durable(name).unwrap(), synced);
+        f.sync_all().unwrap();
+        assert_eq!(fs.durable(name).unwrap().to_vec(), now);
+        assert_eq!(fs.sync_log(name).unwrap()[1].pages, [1, 2]);
+
+        // Punch a whole page and part of another.
+        f.write_all_at(&[0x22; 3 * PAGE], 0).unwrap();
+        f.sync_all().unwrap();
+        let punch = |off: u64, len: u64| {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            // SAFETY: fallocate on an open fd; no memory is passed.
+            let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
+            assert_eq!(r, 0, "punch: {}", io::Error::last_os_error());
+        };
+        punch(PAGE_U64, PAGE_U64);
+        punch(100, 100);
+        assert_eq!(fs.durable(name).unwrap().to_vec(), vec![0x22; 3 * PAGE]);
+        f.sync_data().unwrap();
+        let img = fs.durable(name).unwrap();
+        let mut want = vec![0x22; 3 * PAGE];
+        want[100..200].fill(0);
+        want[PAGE..2 * PAGE].fill(0);
+        assert_eq!(img.to_vec(), want);
+        assert_eq!(img.stored_pages().collect::<Vec<_>>(), [0, 2]);
+
+        // Extend with fallocate and with a write past the end; then
+        // truncate to nothing without fsync: the cut keeps the old size.
+        // SAFETY: as above.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 5 * PAGE as i64) };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        assert_eq!(f.metadata().unwrap().len(), 5 * PAGE_U64);
+        assert_eq!(fs.durable(name).unwrap().size(), 3 * PAGE_U64);
+        f.sync_all().unwrap();
+        assert_eq!(fs.durable(name).unwrap().size(), 5 * PAGE_U64);
+        // Modes other than 0, KEEP_SIZE and PUNCH_HOLE are not supported.
+        let zero_range = libc::FALLOC_FL_ZERO_RANGE;
+        // SAFETY: as above.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), zero_range, 0, PAGE as i64) };
+        let err = io::Error::last_os_error().raw_os_error();
+        assert_eq!((r, err), (-1, Some(libc::EOPNOTSUPP)));
+        f.seek(SeekFrom::Start(7 * PAGE_U64)).unwrap();
+        f.write_all(&[9]).unwrap();
+        f.set_len(0).unwrap();
+        let img = fs.cut(name).unwrap();
+        assert_eq!(img.size(), 5 * PAGE_U64);
+        want.resize(5 * PAGE, 0);
+        assert_eq!(img.to_vec(), want);
+        // After the cut, fallocate is EIO too.
+        // SAFETY: as above.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 9 * PAGE as i64) };
+        assert_eq!(
+            (r, io::Error::last_os_error().raw_os_error()),
+            (-1, Some(libc::EIO))
+        );
+    }
+
+    #[test]
+    fn a_sparse_4_gib_file_costs_nothing_and_reads_zeroes() {
+        let m = TestMount::new("sparse");
+        let fs = m.fs();
+        let name = "s.img";
+        let f = rw(&fs.path(name));
+        let size = 4u64 << 30;
+        f.set_len(size).unwrap();
+        f.sync_all().unwrap();
+        let mut buf = vec![0xff; 1 << 20];
+        f.read_exact_at(&mut buf, size - (1 << 20)).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        f.write_all_at(&[7; 10], 3 << 30).unwrap();
+        f.sync_all().unwrap();
+        let img = fs.durable(name).unwrap();
+        assert_eq!(img.size(), size);
+        assert_eq!(
+            img.stored_pages().collect::<Vec<_>>(),
+            [(3 << 30) / PAGE_U64]
+        );
+        let mut tail = [0xff; 16];
+        assert_eq!(img.read(size - 8, &mut tail), 8);
+        assert_eq!(
+            tail,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]
+        );
+        let tree = fs.shared.tree();
+        let st = lock(&tree.files[&tree.names[OsStr::new(name)]]);
+        assert_eq!(
+            (st.data.durable.pages.len(), st.data.volatile.len()),
+            (1, 0)
+        );
+    }
+
+    /// cp, dd, mkfs.ext4, ls, mv and rm on it; an unlinked file's state is
+    /// dropped when its last handle closes, or by `forget`.
+    #[test]
+    fn tools_work_and_unlinked_files_are_dropped() {
+        let m = TestMount::new("tools");
+        let fs = m.fs();
+        let run = |cmd: &str, args: &[&str]| {
+            let out = std::process::Command::new(cmd)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+            assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let img = fs.path("disk.img");
+        let img_s = img.to_str().unwrap();
+        run(
+            "dd",
+            &[
+                "if=/dev/zero",
+                &format!("of={img_s}"),
+                "bs=1M",
+                "count=32",
+                "conv=fsync",
+                "status=none",
+            ],
+        );
+        run("mkfs.ext4", &["-F", "-q", img_s]);
+        run("sync", &[img_s]);
+        let durable = fs.durable("disk.img").unwrap();
+        assert_eq!(durable.size(), 32 << 20);
+        // The superblock's magic, at 1024 + 56.
+        assert_eq!(&durable.page(0)[1080..1082], &[0x53, 0xef]);
+        let copy = fs.path("copy.img");
+        run("cp", &[img_s, copy.to_str().unwrap()]);
+        run(
+            "mv",
+            &[
+                copy.to_str().unwrap(),
+                fs.path("moved.img").to_str().unwrap(),
+            ],
+        );
+        assert_eq!(
+            run("ls", &[fs.mountpoint().to_str().unwrap()]),
+            "disk.img\nmoved.img\n"
+        );
+        assert_eq!(
+            fs::read(fs.path("moved.img")).unwrap(),
+            fs::read(&img).unwrap()
+        );
+        // Not synced: cp wrote it, nobody fsynced it.
+        assert_eq!(fs.durable("moved.img").unwrap().size(), 0);
+
+        let held = File::open(&img).unwrap();
+        run("rm", &[img_s, fs.path("moved.img").to_str().unwrap()]);
+        assert!(fs.durable("disk.img").is_err());
+        assert_eq!(fs.shared.tree().files.len(), 1, "only the held file stays");
+        assert_eq!(fs.forget("disk.img"), 1);
+        assert!(fs.shared.tree().files.is_empty());
+        assert_eq!(errno(held.sync_all()), libc::ESTALE);
+    }
+}
