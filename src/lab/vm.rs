@@ -141,11 +141,11 @@ enum LoopEnd {
     Exited,
 }
 
-fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> ProbeError {
+pub(super) fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> ProbeError {
     move |source| ProbeError::Kvm { what, source }
 }
 
-fn guest_write(
+pub(super) fn guest_write(
     what: &'static str,
     addr: u64,
 ) -> impl Fn(vm_memory::GuestMemoryError) -> ProbeError {
@@ -236,68 +236,23 @@ impl ProbeVm {
             return Err(ProbeError::TooManySamples(samples));
         }
 
-        let kvm = open_kvm().map_err(VmmError::from)?;
-        let cpuid = vmm::cpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        vmm::cpu::require_features(
-            &cpuid,
-            vmm::host::HostKind::detect(),
-            PROBE_FEATURES,
-            "the probe guest",
-        )?;
-        let region_size = region_pages * PAGE;
-        let pmem_config = PmemConfig {
-            path: config.backing.clone(),
-            size: Some(region_size),
-            readonly: false,
-            discard_writes: false,
-            engine: config.engine,
-        };
-        let mut machine = Machine::build(
-            kvm,
-            &MachineConfig {
-                memory: ram,
-                pit: false,
-                pmem: std::slice::from_ref(&pmem_config),
-            },
-        )
-        .map_err(|e| match e {
-            VmmError::Pmem(AttachError::Engine { engine, source, .. })
-                if source.raw_os_error() == Some(libc::ENOSYS) =>
-            {
-                ProbeError::EngineUnavailable(engine)
-            }
-            e => ProbeError::Vmm(e),
-        })?;
-        let mem = machine.mem.clone();
-        let region_gpa = layout::pmem_regions(ram, &[region_size])[0];
-        let mmio_gpa = machine.pmem.devices[0].spec().base;
-
-        // Page tables and the guest's view of memory.
-        write_descriptor_tables(&mem, CODE_GPA + vectors_offset() as u64)?;
+        let lab = LabMachine::build(&config.engine, &config.backing, region_pages, ram)?;
+        let LabMachine {
+            mut machine,
+            mem,
+            cpuid,
+            region_gpa,
+            mmio_gpa,
+        } = lab;
         let mut tables = PageTableBuilder::new(&mem, PAGE_TABLES_GPA, PAGE_TABLES_END)?;
-        tables.identity_map(GDT_GPA, PAGE, PageAccess::Supervisor)?;
-        tables.identity_map(TSS_GPA, PAGE, PageAccess::Supervisor)?;
-        tables.identity_map(IDT_GPA, PAGE, PageAccess::Supervisor)?;
-        tables.identity_map(FAULT_STACK_GPA, PAGE, PageAccess::Supervisor)?;
-        tables.identity_map(STACK_GPA, STACK_PAGES * PAGE, PageAccess::UserReadWrite)?;
-        tables.identity_map(PARAMS_GPA, PARAMS_SIZE, PageAccess::UserReadWrite)?;
-        tables.identity_map(QUEUE_GPA, QUEUE_PAGES * PAGE, PageAccess::UserReadWrite)?;
-        let code = probe_code();
-        if code.len() as u64 > CODE_MAX {
-            return Err(ProbeError::CodeTooLarge(code.len()));
-        }
-        tables.identity_map(CODE_GPA, code.len() as u64, PageAccess::UserReadExecute)?;
+        map_fixed_area(&mem, &mut tables, mmio_gpa)?;
         tables.identity_map(RESULTS_GPA, ram - RESULTS_GPA, PageAccess::UserReadWrite)?;
-        tables.map_page(mmio_gpa, mmio_gpa, PageAccess::UserMmio)?;
-        tables.map_page(CONTROL_GPA, CONTROL_GPA, PageAccess::UserMmio)?;
         for block in touched_blocks(steps) {
             for page in block * 512..(block + 1) * 512 {
                 let a = region_gpa + page * PAGE;
                 tables.map_page(a, a, PageAccess::UserPmem)?;
             }
         }
-        mem.write_slice(code, GuestAddress(CODE_GPA))
-            .map_err(guest_write("probe code", CODE_GPA))?;
 
         // The virtqueue: one request chain (type, then ret) used over and
         // over as descriptor 0 -> 1.
@@ -336,20 +291,7 @@ impl ProbeVm {
         // cost only KVM's own fault.
         prefault_ram(&mem, RESULTS_GPA, results - RESULTS_GPA)?;
 
-        // The vCPU, at CPL3.
-        let vcpu = machine.create_vcpu(0)?;
-        // On hardware KVM, rdtscp is #UD unless the guest's CPUID has it.
-        vcpu.set_cpuid2(&vmm::cpu::vcpu_cpuid(&cpuid, 0, 1))
-            .map_err(kvm_err("KVM_SET_CPUID2"))?;
-        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        vcpu.set_sregs(&user_mode_sregs(sregs, tables.root()))
-            .map_err(kvm_err("KVM_SET_SREGS"))?;
-        vcpu.set_regs(&entry_regs(
-            CODE_GPA,
-            PARAMS_GPA,
-            STACK_GPA + STACK_PAGES * PAGE,
-        ))
-        .map_err(kvm_err("KVM_SET_REGS"))?;
+        let vcpu = user_vcpu(&machine, &cpuid, 0, 1, tables.root(), CODE_GPA, PARAMS_GPA)?;
         let tsc_khz = match vcpu.get_tsc_khz() {
             Ok(khz) if khz > 0 => khz,
             _ => host_tsc_khz(),
@@ -594,13 +536,129 @@ impl Drop for ProbeVm {
     }
 }
 
+/// What every lab VM starts from: a machine with one pmem device on
+/// `backing`, the guest RAM, and the KVM CPUID the vCPUs get.
+pub(super) struct LabMachine {
+    pub machine: Machine,
+    pub mem: GuestMemoryMmap,
+    pub cpuid: kvm_bindings::CpuId,
+    /// Guest-physical start of the pmem region, and its device's MMIO page.
+    pub region_gpa: u64,
+    pub mmio_gpa: u64,
+}
+
+impl LabMachine {
+    /// Checks that the host runs the probe code, then builds the machine:
+    /// `ram` bytes of RAM and a `region_pages` pmem region served by
+    /// `engine`.
+    pub fn build(
+        engine: &EngineConfig,
+        backing: &std::path::Path,
+        region_pages: u64,
+        ram: u64,
+    ) -> Result<Self, ProbeError> {
+        let kvm = open_kvm().map_err(VmmError::from)?;
+        let cpuid = vmm::cpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        vmm::cpu::require_features(
+            &cpuid,
+            vmm::host::HostKind::detect(),
+            PROBE_FEATURES,
+            "the probe guest",
+        )?;
+        let region_size = region_pages * PAGE;
+        let pmem_config = PmemConfig {
+            path: backing.to_path_buf(),
+            size: Some(region_size),
+            readonly: false,
+            discard_writes: false,
+            engine: *engine,
+        };
+        let machine = Machine::build(
+            kvm,
+            &MachineConfig {
+                memory: ram,
+                pit: false,
+                pmem: std::slice::from_ref(&pmem_config),
+            },
+        )
+        .map_err(|e| match e {
+            VmmError::Pmem(AttachError::Engine { engine, source, .. })
+                if source.raw_os_error() == Some(libc::ENOSYS) =>
+            {
+                ProbeError::EngineUnavailable(engine)
+            }
+            e => ProbeError::Vmm(e),
+        })?;
+        let mem = machine.mem.clone();
+        let region_gpa = layout::pmem_regions(ram, &[region_size])[0];
+        let mmio_gpa = machine.pmem.devices[0].spec().base;
+        Ok(Self {
+            machine,
+            mem,
+            cpuid,
+            region_gpa,
+            mmio_gpa,
+        })
+    }
+}
+
+/// Descriptor tables, the probe code and the identity mappings of the
+/// fixed low area (tables, stacks, parameters, queue, code) and of the
+/// device's and the control page's MMIO.
+pub(super) fn map_fixed_area(
+    mem: &GuestMemoryMmap,
+    tables: &mut PageTableBuilder,
+    mmio_gpa: u64,
+) -> Result<(), ProbeError> {
+    write_descriptor_tables(mem, CODE_GPA + vectors_offset() as u64)?;
+    tables.identity_map(GDT_GPA, PAGE, PageAccess::Supervisor)?;
+    tables.identity_map(TSS_GPA, PAGE, PageAccess::Supervisor)?;
+    tables.identity_map(IDT_GPA, PAGE, PageAccess::Supervisor)?;
+    tables.identity_map(FAULT_STACK_GPA, PAGE, PageAccess::Supervisor)?;
+    tables.identity_map(STACK_GPA, STACK_PAGES * PAGE, PageAccess::UserReadWrite)?;
+    tables.identity_map(PARAMS_GPA, PARAMS_SIZE, PageAccess::UserReadWrite)?;
+    tables.identity_map(QUEUE_GPA, QUEUE_PAGES * PAGE, PageAccess::UserReadWrite)?;
+    let code = probe_code();
+    if code.len() as u64 > CODE_MAX {
+        return Err(ProbeError::CodeTooLarge(code.len()));
+    }
+    tables.identity_map(CODE_GPA, code.len() as u64, PageAccess::UserReadExecute)?;
+    tables.map_page(mmio_gpa, mmio_gpa, PageAccess::UserMmio)?;
+    tables.map_page(CONTROL_GPA, CONTROL_GPA, PageAccess::UserMmio)?;
+    mem.write_slice(code, GuestAddress(CODE_GPA))
+        .map_err(guest_write("probe code", CODE_GPA))
+}
+
+/// vCPU `id` of `count`, at CPL3 with paging rooted at `cr3`, about to run
+/// `entry` with RDI = `params`.
+pub(super) fn user_vcpu(
+    machine: &Machine,
+    cpuid: &kvm_bindings::CpuId,
+    id: u8,
+    count: u8,
+    cr3: u64,
+    entry: u64,
+    params: u64,
+) -> Result<VcpuFd, ProbeError> {
+    let vcpu = machine.create_vcpu(id)?;
+    // On hardware KVM, rdtscp is #UD unless the guest's CPUID has it.
+    vcpu.set_cpuid2(&vmm::cpu::vcpu_cpuid(cpuid, id, count))
+        .map_err(kvm_err("KVM_SET_CPUID2"))?;
+    let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    vcpu.set_sregs(&user_mode_sregs(sregs, cr3))
+        .map_err(kvm_err("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&entry_regs(entry, params, STACK_GPA + STACK_PAGES * PAGE))
+        .map_err(kvm_err("KVM_SET_REGS"))?;
+    Ok(vcpu)
+}
+
 struct Snapshot {
     vcpu: BTreeMap<String, u64>,
     vm: BTreeMap<String, u64>,
     at: Instant,
 }
 
-fn write_descriptor(
+pub(super) fn write_descriptor(
     mem: &GuestMemoryMmap,
     index: u16,
     addr: u64,
@@ -643,7 +701,7 @@ fn read_u64s(mem: &GuestMemoryMmap, gpa: u64, count: u64) -> Result<Vec<u64>, Pr
 
 /// Drives the device's virtio-mmio registers the way a driver does at
 /// probe time (virtio 1.2, 3.1.1), with the probe's queue in guest RAM.
-fn activate_device(mmio: &Bus, base: u64) -> Result<(), ProbeError> {
+pub(super) fn activate_device(mmio: &Bus, base: u64) -> Result<(), ProbeError> {
     let write = |offset: u64, v: u32| {
         if mmio.write(base + offset, &v.to_le_bytes()) {
             Ok(())
