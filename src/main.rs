@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use vmm::{HostQuirks, PmemConfig, VmConfig};
@@ -59,6 +60,75 @@ enum BenchCommand {
     /// End-to-end virtio-pmem FLUSH latency against host fdatasync, fsync
     /// and msync of the same kind of file.
     Flush(BenchFlushArgs),
+    /// Crash consistency: crash VMs that write, flush and acknowledge
+    /// records are ended by SIGKILL or a power cut at random moments; every
+    /// acknowledged record must survive.
+    Crash(BenchCrashArgs),
+    /// One crash VM, run by `bench crash` in a child process.
+    #[command(hide = true)]
+    CrashVm(CrashVmArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CrashEndArg {
+    Kill,
+    Cut,
+    Both,
+}
+
+#[derive(clap::Args)]
+struct BenchCrashArgs {
+    /// Fault engines (default: kernel, mirror, uffd, prefault).
+    #[arg(long, value_delimiter = ',')]
+    engine: Vec<lab::ProbeCase>,
+    /// vCPUs writing records at once, 1 to 4.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=4))]
+    vcpus: u8,
+    /// Rounds per engine and way of ending.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100000))]
+    rounds: u32,
+    /// kill: SIGKILL of the VMM; cut: a power cut of the file system under
+    /// the backing file (unsynced data dropped), then SIGKILL.
+    #[arg(long, value_enum, default_value = "both")]
+    end: CrashEndArg,
+    /// Seed of the rounds (guest patterns and end moments).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Index of the first round: with --seed and --rounds 1, replays one.
+    #[arg(long, default_value_t = 0)]
+    first_round: u32,
+    /// Rounds end at a random moment up to this many ms after the VM's
+    /// first acknowledged flush.
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..=60000))]
+    max_delay_ms: u64,
+    /// Directory for backing files and the power-cut mount (default: the temp dir).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Write every round's figures as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// The power-cut file system answers fsync without making anything
+    /// durable, so the check must report losses (a test of the check).
+    #[arg(long, hide = true)]
+    lying_fsync: bool,
+}
+
+#[derive(clap::Args)]
+struct CrashVmArgs {
+    #[arg(long)]
+    engine: lab::ProbeCase,
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=4))]
+    vcpus: u8,
+    #[arg(long)]
+    region_pages: u64,
+    #[arg(long)]
+    seed: u64,
+    #[arg(long)]
+    flush_mask: u64,
+    #[arg(long)]
+    backing: PathBuf,
+    #[arg(long)]
+    acks: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -208,6 +278,46 @@ fn bench(what: BenchCommand) -> ExitCode {
 
 fn run_bench(what: BenchCommand) -> Result<(), lab::ProbeError> {
     let (table, json, failure) = match what {
+        BenchCommand::CrashVm(a) => {
+            let config = lab::crash::vm::CrashVmConfig {
+                engine: a.engine.engine_config(lab::UffdOptions::default()),
+                backing: a.backing,
+                layout: lab::crash::CrashLayout {
+                    vcpus: a.vcpus,
+                    region_pages: a.region_pages,
+                },
+                seed: a.seed,
+                flush_mask: a.flush_mask,
+            };
+            return lab::crash::vm::child_main(&config, &a.acks, Duration::from_secs(600));
+        }
+        BenchCommand::Crash(a) => {
+            let defaults = lab::crash::bench::CrashBenchConfig::default();
+            let report = lab::crash::bench::run_crash(&lab::crash::bench::CrashBenchConfig {
+                cases: if a.engine.is_empty() {
+                    defaults.cases
+                } else {
+                    a.engine
+                },
+                ends: match a.end {
+                    CrashEndArg::Kill => vec![lab::crash::bench::CrashEnd::Kill],
+                    CrashEndArg::Cut => vec![lab::crash::bench::CrashEnd::Cut],
+                    CrashEndArg::Both => defaults.ends,
+                },
+                vcpus: a.vcpus,
+                rounds: a.rounds,
+                first_round: a.first_round,
+                seed: a.seed,
+                max_delay: Duration::from_millis(a.max_delay_ms),
+                dir: a.dir,
+                lying_fsync: a.lying_fsync,
+                ..defaults
+            })?;
+            if let Some(path) = &a.json {
+                report.write_json(path)?;
+            }
+            (report.table(), a.json, report.failure())
+        }
         BenchCommand::Faults(a) => {
             let report = lab::run_faults(&lab::FaultBenchConfig {
                 engines: if a.common.engine.is_empty() {

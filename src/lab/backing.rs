@@ -135,6 +135,11 @@ impl ScratchDir {
         &self.path
     }
 
+    /// A path in the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
     /// A new backing file of `size` bytes, made as the kind says.
     pub fn create_file(&mut self, size: u64) -> Result<PathBuf, BackingError> {
         let path = self.path.join(format!("pmem{}.img", self.next));

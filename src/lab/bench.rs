@@ -170,7 +170,7 @@ impl ProbeCase {
         !self.is_peer()
     }
 
-    fn engine_config(self, uffd: UffdOptions) -> EngineConfig {
+    pub fn engine_config(self, uffd: UffdOptions) -> EngineConfig {
         match self {
             Self::Engine(kind) => {
                 let mut config = EngineConfig::with_defaults(kind);

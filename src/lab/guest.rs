@@ -41,6 +41,8 @@ pub const CONTROL_STEP: u64 = 0;
 pub const CONTROL_EXIT: u64 = 8;
 /// The exception handler writes the vector here.
 pub const CONTROL_FAULT: u64 = 16;
+/// The crash routine writes an acknowledged sequence number here.
+pub const CONTROL_ACK: u64 = 24;
 /// Exception vectors with a stub; each stub is [`VECTOR_STUB`] bytes.
 pub const VECTORS: u8 = 32;
 pub const VECTOR_STUB: usize = 16;
@@ -79,6 +81,51 @@ pub const STEP_RESULTS: usize = 48;
 pub const STEP_MASK: usize = 56;
 pub const STEP_SIZE: usize = 64;
 
+// The crash routine's own fields, after the shared header (one header per
+// vCPU; the control, MMIO, queue and fault fields are the probe's).
+pub const CR_AREA: usize = 0x100;
+pub const CR_RECORDS: usize = 0x108;
+pub const CR_SHARED: usize = 0x110;
+pub const CR_HEAD: usize = 0x118;
+pub const CR_LOCK: usize = 0x120;
+pub const CR_SEED: usize = 0x128;
+pub const CR_TAG: usize = 0x130;
+pub const CR_FLUSH_MASK: usize = 0x138;
+pub const CR_SEQ: usize = 0x140;
+pub const CR_ACKED: usize = 0x148;
+/// Bytes per crash header.
+pub const CRASH_HEADER_SIZE: usize = 0x200;
+/// One record: eight u64 words, see [`crash_record`].
+pub const RECORD_SIZE: u64 = 64;
+/// The odd multiplier of the record's words and checksum.
+pub const RECORD_K: u64 = 0x9e37_79b9_7f4a_7c15;
+/// Word 1 of a record: this, with the vCPU index in the low byte.
+pub const RECORD_MAGIC: u64 = 0x706d_656d_6372_7300; // "pmemcrs\0"
+
+/// The record the crash routine writes for sequence number `seq` of the
+/// vCPU whose tag is `tag`: word 0 is `seq`, word 1 the tag, words 2..6
+/// `(seq + i) * K`, word 7 a checksum folding words 0..6. A record the
+/// host reads back is intact only if all eight words match.
+pub fn crash_record(seq: u64, tag: u64) -> [u64; 8] {
+    let mut w = [0u64; 8];
+    w[0] = seq;
+    w[1] = tag;
+    for (i, word) in w.iter_mut().enumerate().take(7).skip(2) {
+        *word = seq.wrapping_add(i as u64).wrapping_mul(RECORD_K);
+    }
+    let mut h = w[0];
+    for word in &w[1..7] {
+        h = (h ^ word).wrapping_mul(RECORD_K);
+    }
+    w[7] = h;
+    w
+}
+
+/// The word-1 tag of vCPU `vcpu`'s records.
+pub fn record_tag(vcpu: u8) -> u64 {
+    RECORD_MAGIC | u64::from(vcpu)
+}
+
 pub const OP_END: u32 = 0;
 pub const OP_READ: u32 = 1;
 pub const OP_WRITE: u32 = 2;
@@ -95,6 +142,8 @@ pub enum ProbeExitCode {
     Done,
     UnknownOp,
     FlushFailed,
+    /// The crash routine wrote its last record slot.
+    AreaFull,
     Other(u8),
 }
 
@@ -104,6 +153,7 @@ impl From<u8> for ProbeExitCode {
             0 => Self::Done,
             1 => Self::UnknownOp,
             2 => Self::FlushFailed,
+            3 => Self::AreaFull,
             v => Self::Other(v),
         }
     }
@@ -234,6 +284,117 @@ global_asm!(
     ".Lprobe_flush_failed:",
     "    mov eax, 2",
     "    jmp .Lprobe_exit",
+    // The crash routine: a second entry point into the same code, so it
+    // shares the exception stubs and the exit path. Per vCPU: append
+    // records to its own area, store the newest sequence number in its
+    // slot of the shared page (one 8-byte store, racing the other vCPUs
+    // on that page), and every 1..=mask+1 records send a flush request for
+    // everything written so far. Half the flushes are waited for at once;
+    // the others stay in flight while records go on being written. When a
+    // flush completes, its sequence number is acknowledged at CONTROL_ACK.
+    // rdi = header, r8 = seq, r9 = seq of the flush in flight (0: none),
+    // r10 = seq at which the next flush goes out, r11 = LCG state,
+    // r12 = area, r13 = record slots, rbx = shared slot, rbp = response,
+    // r14 = checksum; rax, rcx, rdx, rsi scratch.
+    ".balign 16",
+    ".globl pmemvm_crash_entry",
+    "pmemvm_crash_entry:",
+    "    xor r8d, r8d",
+    "    xor r9d, r9d",
+    "    mov r11, qword ptr [rdi + {cr_seed}]",
+    "    mov r12, qword ptr [rdi + {cr_area}]",
+    "    mov r13, qword ptr [rdi + {cr_records}]",
+    "    mov rbx, qword ptr [rdi + {cr_shared}]",
+    "    mov rbp, qword ptr [rdi + {response}]",
+    "    mov r10, 1",
+    ".Lcrash_loop:",
+    "    cmp r8, r13",
+    "    jae .Lcrash_full",
+    "    inc r8",
+    "    mov qword ptr [rdi + {cr_seq}], r8",
+    "    lea rsi, [r8 - 1]",
+    "    shl rsi, 6",
+    "    add rsi, r12",
+    "    movabs rcx, {record_k}",
+    "    mov qword ptr [rsi], r8",
+    "    mov r14, r8",
+    "    mov rax, qword ptr [rdi + {cr_tag}]",
+    "    mov qword ptr [rsi + 8], rax",
+    "    xor r14, rax",
+    "    imul r14, rcx",
+    ".irp i, 2,3,4,5,6",
+    "    lea rax, [r8 + \\i]",
+    "    imul rax, rcx",
+    "    mov qword ptr [rsi + 8 * \\i], rax",
+    "    xor r14, rax",
+    "    imul r14, rcx",
+    ".endr",
+    "    mov qword ptr [rsi + 56], r14",
+    "    mov qword ptr [rbx], r8",
+    "    test r9, r9",
+    "    jz .Lcrash_maybe_flush",
+    "    mov eax, dword ptr [rbp]",
+    "    cmp eax, 0xffffffff",
+    "    je .Lcrash_loop",
+    ".Lcrash_completed:",
+    "    test eax, eax",
+    "    jnz .Lcrash_flush_failed",
+    "    mov rdx, qword ptr [rdi + {control}]",
+    "    mov qword ptr [rdx + {control_ack}], r9",
+    "    mov qword ptr [rdi + {cr_acked}], r9",
+    "    xor r9d, r9d",
+    "    jmp .Lcrash_loop",
+    ".Lcrash_maybe_flush:",
+    "    cmp r8, r10",
+    "    jb .Lcrash_loop",
+    // ret = ~0 until the device answers; then take the queue lock (the
+    // avail ring has one producer at a time), publish this vCPU's chain,
+    // drop the lock and notify (an ioeventfd: no exit).
+    "    mov dword ptr [rbp], 0xffffffff",
+    "    mov rdx, qword ptr [rdi + {cr_lock}]",
+    ".Lcrash_lock:",
+    "    xor eax, eax",
+    "    mov ecx, 1",
+    "    lock cmpxchg dword ptr [rdx], ecx",
+    "    jz .Lcrash_locked",
+    "    pause",
+    "    jmp .Lcrash_lock",
+    ".Lcrash_locked:",
+    "    mov rsi, qword ptr [rdi + {avail}]",
+    "    movzx eax, word ptr [rsi + 2]",
+    "    mov rcx, rax",
+    "    and rcx, qword ptr [rdi + {queue_mask}]",
+    "    mov r14, qword ptr [rdi + {cr_head}]",
+    "    mov word ptr [rsi + 4 + rcx * 2], r14w",
+    "    inc eax",
+    "    mov word ptr [rsi + 2], ax",
+    "    mov dword ptr [rdx], 0",
+    "    mfence",
+    "    mov rdx, qword ptr [rdi + {mmio}]",
+    "    mov dword ptr [rdx + {queue_notify}], 0",
+    "    mov r9, r8",
+    "    movabs rax, {lcg_a}",
+    "    imul r11, rax",
+    "    movabs rax, {lcg_c}",
+    "    add r11, rax",
+    "    mov rax, r11",
+    "    shr rax, 33",
+    "    and rax, qword ptr [rdi + {cr_flush_mask}]",
+    "    lea r10, [r8 + rax + 1]",
+    "    bt r11, 62",
+    "    jnc .Lcrash_loop",
+    ".Lcrash_wait:",
+    "    pause",
+    "    mov eax, dword ptr [rbp]",
+    "    cmp eax, 0xffffffff",
+    "    je .Lcrash_wait",
+    "    jmp .Lcrash_completed",
+    ".Lcrash_full:",
+    "    mov eax, 3",
+    "    jmp .Lprobe_exit",
+    ".Lcrash_flush_failed:",
+    "    mov eax, 2",
+    "    jmp .Lprobe_exit",
     // Exception stubs, one per vector, VECTOR_STUB bytes apart. The CPU
     // pushes an error code for some vectors; the others push a 0 so that
     // the frame is the same.
@@ -314,10 +475,23 @@ global_asm!(
     fault_vector = const HDR_FAULT_VECTOR,
     fault_error = const HDR_FAULT_ERROR,
     fault_rip = const HDR_FAULT_RIP,
+    control_ack = const CONTROL_ACK,
+    cr_area = const CR_AREA,
+    cr_records = const CR_RECORDS,
+    cr_shared = const CR_SHARED,
+    cr_head = const CR_HEAD,
+    cr_lock = const CR_LOCK,
+    cr_seed = const CR_SEED,
+    cr_tag = const CR_TAG,
+    cr_flush_mask = const CR_FLUSH_MASK,
+    cr_seq = const CR_SEQ,
+    cr_acked = const CR_ACKED,
+    record_k = const RECORD_K,
 );
 
 extern "C" {
     static pmemvm_probe_start: u8;
+    static pmemvm_crash_entry: u8;
     static pmemvm_probe_vectors: u8;
     static pmemvm_probe_end: u8;
 }
@@ -328,6 +502,14 @@ pub fn vectors_offset() -> usize {
     // Both are labels in the global_asm! block above; only their addresses
     // are taken.
     std::ptr::addr_of!(pmemvm_probe_vectors) as usize
+        - std::ptr::addr_of!(pmemvm_probe_start) as usize
+}
+
+/// Where the crash routine starts in [`probe_code`].
+pub fn crash_entry_offset() -> usize {
+    // Labels in the global_asm! block above; only their addresses are
+    // taken.
+    std::ptr::addr_of!(pmemvm_crash_entry) as usize
         - std::ptr::addr_of!(pmemvm_probe_start) as usize
 }
 

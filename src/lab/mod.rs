@@ -9,6 +9,8 @@
 //! - [`bench`]: `pmemvm bench faults`; [`flush`]: `pmemvm bench flush`.
 //! - [`checks`]: each bench's figures checked against KVM's and the
 //!   device's counts.
+//! - [`crash`]: `pmemvm bench crash`, crash VMs on 1 to 4 vCPUs ended by
+//!   SIGKILL or a power cut ([`powercut`]), and the check of what survived.
 //! - [`report`]: `pmemvm report`, the summary and SVG of a bench's JSON.
 //! - [`powercut`]: a LazyFS-like FUSE file system that drops what no fsync
 //!   covered when the power is cut, for crash-consistency tests.
@@ -18,11 +20,11 @@
 pub mod backing;
 pub mod bench;
 pub mod checks;
+pub mod crash;
 pub mod flush;
 pub mod guest;
 pub mod host_flush;
 pub mod paging;
-#[allow(dead_code)] // used by bench crash (next commit)
 pub mod powercut;
 pub mod report;
 pub mod vm;

@@ -1,0 +1,508 @@
+//! `pmemvm bench crash`: rounds of crash VMs, each in a child process,
+//! ended by SIGKILL or by a power cut, and the check of what survived.
+
+use std::io::{BufRead, BufReader, IsTerminal, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::super::backing::{BackingKind, ScratchDir};
+use super::super::bench::{write_json, ProbeCase};
+use super::super::paging::PAGE;
+use super::super::powercut::PowerCutFs;
+use super::super::ProbeError;
+use super::vm::AckFile;
+use super::{check, CrashLayout, RoundCheck};
+
+/// How a round ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CrashEnd {
+    /// SIGKILL of the pmemvm process: the host page cache survives.
+    Kill,
+    /// The file system under the backing drops everything no completed
+    /// fsync covered, then the process is killed.
+    Cut,
+}
+
+impl CrashEnd {
+    pub const BOTH: [CrashEnd; 2] = [Self::Kill, Self::Cut];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kill => "kill",
+            Self::Cut => "cut",
+        }
+    }
+}
+
+/// `pmemvm bench crash` options.
+#[derive(Debug, Clone)]
+pub struct CrashBenchConfig {
+    pub cases: Vec<ProbeCase>,
+    pub ends: Vec<CrashEnd>,
+    pub vcpus: u8,
+    pub rounds: u32,
+    /// The first round's index: with `seed`, it replays a round.
+    pub first_round: u32,
+    pub seed: u64,
+    /// Rounds end at a moment drawn from 0..max_delay after the VM's first
+    /// acknowledgement.
+    pub max_delay: Duration,
+    pub region_pages: u64,
+    pub flush_mask: u64,
+    pub dir: Option<PathBuf>,
+    pub progress: bool,
+    /// The power-cut file system acknowledges fsync without making
+    /// anything durable: the check must then report losses.
+    pub lying_fsync: bool,
+}
+
+impl Default for CrashBenchConfig {
+    fn default() -> Self {
+        Self {
+            cases: ProbeCase::ENGINES.to_vec(),
+            ends: CrashEnd::BOTH.to_vec(),
+            vcpus: 2,
+            rounds: 20,
+            first_round: 0,
+            seed: 1,
+            max_delay: Duration::from_millis(40),
+            region_pages: 4096,
+            flush_mask: 15,
+            dir: None,
+            progress: true,
+            lying_fsync: false,
+        }
+    }
+}
+
+/// One round, as the JSON keeps it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundRecord {
+    pub round: u32,
+    pub seed: u64,
+    /// From the first acknowledgement to the end.
+    pub delay_us: u64,
+    /// From starting the child to having checked the backing.
+    pub round_us: u64,
+    #[serde(flatten)]
+    pub check: RoundCheck,
+    /// Power cut: the completed syncs and the pages they made durable.
+    pub syncs: u64,
+    pub pages_synced: u64,
+    /// vCPUs that filled their area before the end.
+    pub full_vcpus: u64,
+}
+
+/// All rounds of one engine and one way of ending.
+#[derive(Debug, Clone, Serialize)]
+pub struct CrashSeries {
+    pub engine: String,
+    pub end: CrashEnd,
+    pub rounds: Vec<RoundRecord>,
+}
+
+impl CrashSeries {
+    fn sum(&self, f: impl Fn(&RoundRecord) -> u64) -> u64 {
+        self.rounds.iter().map(f).sum()
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.sum(|r| r.check.lost)
+    }
+
+    fn median_round_ms(&self) -> f64 {
+        let mut t: Vec<u64> = self.rounds.iter().map(|r| r.round_us).collect();
+        t.sort_unstable();
+        t.get(t.len() / 2).map_or(0.0, |&us| us as f64 / 1000.0)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CrashReport {
+    pub bench: &'static str,
+    pub vcpus: u8,
+    pub seed: u64,
+    pub region_pages: u64,
+    pub max_delay_us: u64,
+    pub flush_mask: u64,
+    pub series: Vec<CrashSeries>,
+    /// Replay commands of the rounds that lost acknowledged records.
+    pub failures: Vec<String>,
+    pub elapsed_s: f64,
+}
+
+impl CrashReport {
+    pub fn write_json(&self, path: &Path) -> Result<(), ProbeError> {
+        write_json(path, self)
+    }
+
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "crash rounds: {} vCPU(s), {} MiB region, ended 0-{} ms after the first ack, seed {}, {:.0} s\n",
+            self.vcpus,
+            (self.region_pages * PAGE) >> 20,
+            self.max_delay_us / 1000,
+            self.seed,
+            self.elapsed_s
+        );
+        out.push_str(&format!(
+            "{:<10} {:<5} {:>7} {:>10} {:>10} {:>6} {:>10} {:>6} {:>9} {:>10}\n",
+            "engine",
+            "end",
+            "rounds",
+            "acked",
+            "intact",
+            "lost",
+            "unacked",
+            "torn",
+            "syncs",
+            "median ms"
+        ));
+        for s in &self.series {
+            out.push_str(&format!(
+                "{:<10} {:<5} {:>7} {:>10} {:>10} {:>6} {:>10} {:>6} {:>9} {:>10.1}\n",
+                s.engine,
+                s.end.name(),
+                s.rounds.len(),
+                s.sum(|r| r.check.acked),
+                s.sum(|r| r.check.intact),
+                s.lost(),
+                s.sum(|r| r.check.unacked_found),
+                s.sum(|r| r.check.torn),
+                s.sum(|r| r.syncs),
+                s.median_round_ms()
+            ));
+        }
+        out.push_str(
+            "acked: records acknowledged; intact: records found whole; lost: acknowledged but missing or damaged (must be 0);\n\
+             unacked: found past the acknowledgement; torn: being written at the end; syncs: completed fsyncs (power cut)\n",
+        );
+        for f in &self.failures {
+            out.push_str(&format!("LOST: {f}\n"));
+        }
+        out
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        let lost: u64 = self.series.iter().map(CrashSeries::lost).sum();
+        (lost > 0).then(|| {
+            format!(
+                "{lost} acknowledged records lost in {} round(s); replay with: {}",
+                self.failures.len(),
+                self.failures.join(" ; ")
+            )
+        })
+    }
+}
+
+/// SplitMix64: the per-round seed and delay from the bench seed.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn round_seed(seed: u64, case: ProbeCase, end: CrashEnd, round: u32) -> u64 {
+    let name = case.name().bytes().fold(0u64, |h, b| mix(h ^ u64::from(b)));
+    mix(seed ^ mix(name ^ mix(end as u64 ^ mix(u64::from(round)))))
+}
+
+/// Where the rounds' files live: a scratch directory for SIGKILL rounds,
+/// and a power-cut file system mounted in it for the cuts.
+struct Workspace {
+    /// Declared first so that it is unmounted before the directory goes.
+    cut_fs: Option<PowerCutFs>,
+    scratch: ScratchDir,
+}
+
+pub fn run_crash(config: &CrashBenchConfig) -> Result<CrashReport, ProbeError> {
+    let started = Instant::now();
+    if config.vcpus == 0 || config.vcpus > super::MAX_VCPUS {
+        return Err(ProbeError::Config(format!(
+            "--vcpus {}: a crash VM runs 1 to {}",
+            config.vcpus,
+            super::MAX_VCPUS
+        )));
+    }
+    let scratch = ScratchDir::new(BackingKind::Sparse, config.dir.as_deref())?;
+    let cut_fs = if config.ends.contains(&CrashEnd::Cut) {
+        Some(
+            PowerCutFs::mount(&scratch.join("cut"))
+                .map_err(|e| ProbeError::Config(format!("the power-cut file system: {e}")))?,
+        )
+    } else {
+        None
+    };
+    if config.lying_fsync {
+        match &cut_fs {
+            Some(fs) => fs.lie_about_fsync(),
+            None => {
+                return Err(ProbeError::Config(
+                    "--lying-fsync needs power cuts (--end cut or both)".into(),
+                ))
+            }
+        }
+    }
+    let ws = Workspace { cut_fs, scratch };
+    let layout = CrashLayout {
+        vcpus: config.vcpus,
+        region_pages: config.region_pages.div_ceil(512) * 512,
+    };
+    let mut series = Vec::new();
+    let mut failures = Vec::new();
+    for &case in &config.cases {
+        for &end in &config.ends {
+            let mut s = CrashSeries {
+                engine: case.name().to_string(),
+                end,
+                rounds: Vec::new(),
+            };
+            let progress = Progress::new(config.progress, &s, config.rounds);
+            for i in 0..config.rounds {
+                let round = config.first_round + i;
+                let r = run_round(&ws, config, layout, case, end, round)?;
+                if r.check.lost > 0 {
+                    let replay = format!(
+                        "pmemvm bench crash --engine {} --end {} --vcpus {} --seed {} --first-round {round} --rounds 1",
+                        case.name(),
+                        end.name(),
+                        config.vcpus,
+                        config.seed
+                    );
+                    eprintln!(
+                        "{} {} round {round}: {} acknowledged records lost: {:?}\n  replay: {replay}",
+                        case.name(),
+                        end.name(),
+                        r.check.lost,
+                        r.check.first_losses
+                    );
+                    failures.push(replay);
+                }
+                s.rounds.push(r);
+                progress.step(&s, i + 1);
+            }
+            series.push(s);
+        }
+    }
+    Ok(CrashReport {
+        bench: "crash",
+        vcpus: config.vcpus,
+        seed: config.seed,
+        region_pages: layout.region_pages,
+        max_delay_us: config.max_delay.as_micros() as u64,
+        flush_mask: config.flush_mask,
+        series,
+        failures,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Progress on stderr: one updated line on a terminal, else a line per
+/// tenth of the rounds.
+struct Progress {
+    on: bool,
+    tty: bool,
+    every: u32,
+    rounds: u32,
+}
+
+impl Progress {
+    fn new(on: bool, s: &CrashSeries, rounds: u32) -> Self {
+        let p = Self {
+            on,
+            tty: std::io::stderr().is_terminal(),
+            every: (rounds / 10).max(1),
+            rounds,
+        };
+        if on && !p.tty {
+            eprintln!("crash: {} {}: {rounds} rounds", s.engine, s.end.name());
+        }
+        p
+    }
+
+    fn step(&self, s: &CrashSeries, done: u32) {
+        if !self.on {
+            return;
+        }
+        let line = format!(
+            "crash: {} {}: {done}/{} rounds, {} acked, {} lost",
+            s.engine,
+            s.end.name(),
+            self.rounds,
+            s.sum(|r| r.check.acked),
+            s.lost()
+        );
+        if self.tty {
+            eprint!("\r{line}");
+            if done == self.rounds {
+                eprintln!();
+            }
+        } else if done.is_multiple_of(self.every) || done == self.rounds {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// The child's console, line by line.
+fn lines_of(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// How long a child may take to build its VM.
+const START_LIMIT: Duration = Duration::from_secs(120);
+
+fn run_round(
+    ws: &Workspace,
+    config: &CrashBenchConfig,
+    layout: CrashLayout,
+    case: ProbeCase,
+    end: CrashEnd,
+    round: u32,
+) -> Result<RoundRecord, ProbeError> {
+    let started = Instant::now();
+    let seed = round_seed(config.seed, case, end, round);
+    let name = format!("{}-{}-{round}.img", case.name(), end.name());
+    let backing = match (&ws.cut_fs, end) {
+        (Some(fs), CrashEnd::Cut) => fs.path(&name),
+        _ => ws.scratch.join(&name),
+    };
+    let acks = ws.scratch.join("acks");
+    let exe = std::env::current_exe().map_err(ProbeError::EventLoop)?;
+    let mut child = Command::new(exe)
+        .args(["bench", "crash-vm", "--engine", case.name()])
+        .args(["--vcpus", &layout.vcpus.to_string()])
+        .args(["--region-pages", &layout.region_pages.to_string()])
+        .args(["--seed", &seed.to_string()])
+        .args(["--flush-mask", &config.flush_mask.to_string()])
+        .arg("--backing")
+        .arg(&backing)
+        .arg("--acks")
+        .arg(&acks)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(ProbeError::EventLoop)?;
+    let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
+        let _ = child.kill();
+        return Err(ProbeError::EventLoop(std::io::Error::other(
+            "the crash VM's output is not piped",
+        )));
+    };
+    let stdout = lines_of(out);
+    let stderr = lines_of(err);
+    let fail = |child: &mut Child, why: String| -> ProbeError {
+        let _ = child.kill();
+        let _ = child.wait();
+        let log: Vec<String> = stderr.try_iter().collect();
+        ProbeError::ProtocolViolation(format!(
+            "crash round {round} ({} {}): {why}; the VM said:\n{}",
+            case.name(),
+            end.name(),
+            log.join("\n")
+        ))
+    };
+    match stdout.recv_timeout(START_LIMIT) {
+        Ok(l) if l == "running" => {}
+        Ok(l) => return Err(fail(&mut child, format!("unexpected line {l:?}"))),
+        Err(_) => {
+            std::thread::sleep(Duration::from_millis(50));
+            return Err(fail(&mut child, "the VM did not start".into()));
+        }
+    }
+    // The end falls after the first acknowledgement, so that every round
+    // has acknowledged records to lose.
+    let first_ack = Instant::now();
+    loop {
+        let acked = AckFile::read(&acks, layout.vcpus).unwrap_or_default();
+        if acked.iter().any(|&a| a > 0) {
+            break;
+        }
+        if let Some(st) = child.try_wait().map_err(ProbeError::EventLoop)? {
+            return Err(fail(
+                &mut child,
+                format!("the VM ended before its first flush ({st})"),
+            ));
+        }
+        if first_ack.elapsed() > START_LIMIT {
+            return Err(fail(&mut child, "no flush completed".into()));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let max = config.max_delay.as_micros().max(1) as u64;
+    let delay = Duration::from_micros(mix(seed) % max);
+    std::thread::sleep(delay);
+    // Only a full area ends a healthy VM before the end (exit 0).
+    if let Some(st) = child.try_wait().map_err(ProbeError::EventLoop)? {
+        if !st.success() {
+            return Err(fail(&mut child, format!("the VM ended on its own ({st})")));
+        }
+    }
+    // A cut first: from here no sync completes, so no later ack can claim
+    // durability; then the process goes too, as in a power loss.
+    let image = match (&ws.cut_fs, end) {
+        (Some(fs), CrashEnd::Cut) => Some(
+            fs.cut(&name)
+                .map_err(|e| fail(&mut child, format!("power cut: {e}")))?,
+        ),
+        _ => None,
+    };
+    // After a cut the VM may end by itself first: its flushes fail.
+    let _ = child.kill();
+    child.wait().map_err(ProbeError::EventLoop)?;
+    let full_vcpus = stdout.try_iter().filter(|l| l.ends_with(" full")).count() as u64;
+    let acked = AckFile::read(&acks, layout.vcpus).map_err(ProbeError::EventLoop)?;
+    let (check, syncs, pages_synced) = match (&ws.cut_fs, image) {
+        (Some(fs), Some(image)) => {
+            let c = check(&layout, &acked, |p| image.page(p).to_vec());
+            let log = fs.sync_log(&name).unwrap_or_default();
+            if c.lost > 0 {
+                for (i, s) in log.iter().enumerate().rev().take(8) {
+                    eprintln!("  sync {i}: pages {:?}", s.pages);
+                }
+            }
+            let pages: u64 = log.iter().map(|s| s.pages.len() as u64).sum();
+            let _ = std::fs::remove_file(&backing);
+            fs.forget(&name);
+            (c, log.len() as u64, pages)
+        }
+        _ => {
+            let file = std::fs::File::open(&backing).map_err(ProbeError::EventLoop)?;
+            let c = check(&layout, &acked, |p| {
+                let mut buf = vec![0u8; PAGE as usize];
+                // Short reads past the end leave zeroes: a hole.
+                let _ = file.read_at(&mut buf, p * PAGE);
+                buf
+            });
+            let _ = std::fs::remove_file(&backing);
+            (c, 0, 0)
+        }
+    };
+    Ok(RoundRecord {
+        round,
+        seed,
+        delay_us: delay.as_micros() as u64,
+        round_us: started.elapsed().as_micros() as u64,
+        check,
+        syncs,
+        pages_synced,
+        full_vcpus,
+    })
+}
