@@ -94,6 +94,8 @@ pub struct DurableImage {
 }
 
 impl DurableImage {
+    // Used by the tests here and in tests/e2e.rs.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn size(&self) -> u64 {
         self.size
     }
@@ -104,12 +106,16 @@ impl DurableImage {
     }
 
     /// The indices of the pages holding a non-zero byte, ascending.
+    // Used by the tests here and in tests/e2e.rs.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn stored_pages(&self) -> impl Iterator<Item = u64> + '_ {
         self.pages.keys().copied()
     }
 
     /// Reads from `offset` into `buf`, up to the end of the image; returns
     /// the number of bytes read.
+    // Used by the tests here and in tests/e2e.rs.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> usize {
         let end = self.size.min(offset.saturating_add(buf.len() as u64));
         let len = end.saturating_sub(offset) as usize;
@@ -118,6 +124,8 @@ impl DurableImage {
     }
 
     /// The whole image; allocates its full size, holes included.
+    // Used by the tests here and in tests/e2e.rs.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn to_vec(&self) -> Vec<u8> {
         let mut v = vec![0; self.size as usize];
         self.read(0, &mut v);
@@ -337,6 +345,9 @@ impl Tree {
 #[derive(Default)]
 struct Shared {
     tree: Mutex<Tree>,
+    /// FSYNC answers success and makes nothing durable: a device that lies,
+    /// so that a crash check can be shown to catch one.
+    fsync_lies: std::sync::atomic::AtomicBool,
 }
 
 /// A poisoned lock still guards consistent state: every update completes
@@ -481,8 +492,17 @@ impl PowerCutFs {
         })
     }
 
+    // Used by the tests here and in tests/e2e.rs.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// From now on FSYNC succeeds without making anything durable.
+    pub fn lie_about_fsync(&self) {
+        self.shared
+            .fsync_lies
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The path of file `name` in the mount.
@@ -500,6 +520,8 @@ impl PowerCutFs {
     }
 
     /// File `name`'s durable state now, without cutting.
+    // Used by the tests here and in tests/e2e.rs.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn durable(&self, name: &str) -> Result<DurableImage, PowerCutError> {
         let f = self.shared.by_name(name)?;
         let r = lock(&f).data.durable.clone();
@@ -513,6 +535,8 @@ impl PowerCutFs {
         Ok(r)
     }
 
+    // Used by the tests here and in tests/e2e.rs.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn counters(&self, name: &str) -> Result<FileCounters, PowerCutError> {
         let f = self.shared.by_name(name)?;
         let r = lock(&f).counters;
@@ -838,8 +862,15 @@ impl fuser::Filesystem for FuseServer {
         _datasync: bool,
         reply: fuser::ReplyEmpty,
     ) {
+        let lies = self
+            .shared
+            .fsync_lies
+            .load(std::sync::atomic::Ordering::Relaxed);
         let r = with_file(&self.shared, ino, |st| {
             st.refuse_if_cut()?;
+            if lies {
+                return Ok(());
+            }
             let record = st.data.sync();
             st.counters.syncs += 1;
             st.counters.pages_synced += record.pages.len() as u64;
