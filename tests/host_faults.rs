@@ -8,8 +8,12 @@
 //!   next flush really writes them, although the page cache holds them
 //!   clean ("fsyncgate").
 //!
+//! - a file system that acknowledges fsync and keeps nothing: `bench
+//!   crash`'s power-cut check reports the acknowledged records lost, with
+//!   the command that replays the round.
+//!
 //! One boot per engine (kernel, uffd, prefault) for the truncation, one boot
-//! for EIO.
+//! for EIO; the crash check needs no Linux guest.
 
 mod common;
 
@@ -459,5 +463,49 @@ fn fsync_eio_fails_the_flush_and_the_retry_writes_the_pages() {
                 f.name
             );
         }
+    }
+}
+
+/// The crash bench's check can fail: on a power-cut file system whose
+/// fsync lies, every engine loses acknowledged records, and the bench says
+/// so, with the replay command, and exits 1.
+#[test]
+fn crash_check_catches_a_file_system_that_lies_about_fsync() {
+    let dir = TempDir::new("lying-fsync");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pmemvm"))
+        .args(["bench", "crash", "--engine", "kernel,mirror,uffd,prefault"])
+        .args([
+            "--end",
+            "cut",
+            "--rounds",
+            "2",
+            "--vcpus",
+            "2",
+            "--lying-fsync",
+        ])
+        .arg("--dir")
+        .arg(dir.join(""))
+        .output()
+        .expect("run pmemvm bench crash");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("acknowledged records lost"), "{stderr}");
+    for engine in ["kernel", "mirror", "uffd", "prefault"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(engine))
+            .unwrap_or_else(|| panic!("no {engine} row:\n{stdout}"));
+        let lost: u64 = row.split_whitespace().nth(5).unwrap().parse().unwrap();
+        assert!(
+            lost > 0,
+            "{engine} lost nothing on a lying fsync:\n{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!(
+                "LOST: pmemvm bench crash --engine {engine} --end cut --vcpus 2 --seed 1 --first-round"
+            )),
+            "{stdout}"
+        );
     }
 }
