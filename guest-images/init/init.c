@@ -745,26 +745,46 @@ static int mode_dax(void)
 	return failures ? 1 : 0;
 }
 
-// pmemvm_mode=crash pmemvm_dax=FS:DEV: writes crash.txt through a DAX
-// mapping, fsyncs it, says so and waits to be killed.
+// pmemvm_mode=crash pmemvm_dax=FS:DEV[,FS:DEV...]: on each device, writes
+// crash.txt through a DAX mapping and fsyncs it, then stores unsynced.txt
+// the same way with no fsync; says "fsync returned crash" and waits to be
+// killed. The host may also cut the power under the backing files: then
+// crash.txt must survive and unsynced.txt may be lost.
 static int mode_crash(void)
 {
-	char spec[64];
-	struct dax_spec d;
-	if (!cmdline_value("pmemvm_dax", spec, sizeof(spec)) || parse_spec(spec, &d) || d.ro) {
-		say("pmemvm-init: crash: want pmemvm_dax=ext4|xfs:DEV on the command line");
+	char list[256];
+	if (!cmdline_value("pmemvm_dax", list, sizeof(list))) {
+		say("pmemvm-init: crash: want pmemvm_dax=ext4|xfs:DEV[,...] on the command line");
 		return 2;
 	}
-	if (!mount_dax(&d))
-		return 1;
-	char path[96], want[96];
-	snprintf(path, sizeof(path), "%s/crash.txt", d.mnt);
-	snprintf(want, sizeof(want), "pmemvm crash %s\n", d.dev);
-	int fd = mmap_new(path, want);
-	if (!check(d.dev, "mmap-write", fd >= 0, "%s: %s", path, strerror(errno)))
-		return 1;
-	if (!check(d.dev, "fsync-mmap", fsync(fd) == 0, "%s: %s", path, strerror(errno)))
-		return 1;
+	struct dax_spec specs[8];
+	int n = 0;
+	for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
+		if (n == 8 || parse_spec(tok, &specs[n]) || specs[n].ro) {
+			say("pmemvm-init: crash: bad spec '%s' (want ext4|xfs:DEV, at most 8)", tok);
+			return 2;
+		}
+		n++;
+	}
+	for (int i = 0; i < n; i++) {
+		struct dax_spec *d = &specs[i];
+		if (!mount_dax(d))
+			return 1;
+		char path[96], want[96];
+		snprintf(path, sizeof(path), "%s/crash.txt", d->mnt);
+		snprintf(want, sizeof(want), "pmemvm crash %s\n", d->dev);
+		int fd = mmap_new(path, want);
+		if (!check(d->dev, "mmap-write", fd >= 0, "%s: %s", path, strerror(errno)))
+			return 1;
+		if (!check(d->dev, "fsync-mmap", fsync(fd) == 0, "%s: %s", path, strerror(errno)))
+			return 1;
+		close(fd);
+		snprintf(path, sizeof(path), "%s/unsynced.txt", d->mnt);
+		snprintf(want, sizeof(want), "pmemvm unsynced %s\n", d->dev);
+		fd = mmap_new(path, want);
+		if (!check(d->dev, "mmap-write-unsynced", fd >= 0, "%s: %s", path, strerror(errno)))
+			return 1;
+	}
 	say("pmemvm-init: fsync returned crash");
 	for (;;)
 		pause();
