@@ -30,7 +30,7 @@ bin() {
 # the NPT-host issue; the reproduction is in README.md ("The NPT host").
 serial=(--test-threads=1)
 
-suites=(e2e engines host_faults unit probe stock_kernel bench_faults bench_flush)
+suites=(e2e engines host_faults unit probe stock_kernel bench_faults bench_flush bench_crash)
 [ $# -gt 0 ] && suites=("$@")
 
 # Each suite takes under a minute there when well; a stuck one is ended
@@ -51,6 +51,7 @@ for s in "${suites[@]}"; do
     stock_kernel) cmd=("$(bin stock_kernel)" --nocapture) ;;
     bench_faults) cmd=("$pmemvm" bench faults --pages 256 --repeat 1) ;;
     bench_flush) cmd=("$pmemvm" bench flush --dirty 0,1,64 --rounds 3 --repeat 3) ;;
+    bench_crash) cmd=("$pmemvm" bench crash --rounds 20 --vcpus 2) ;;
     *) echo "npt-host.sh: unknown suite '$s' (known: ${suites[*]})" >&2; exit 2 ;;
     esac
     echo "=== npt-host: $s: ${cmd[*]}" >&2
