@@ -88,6 +88,11 @@ pub struct DeviceStats {
 }
 
 impl AttachedPmem {
+    /// The page tracker of the device's fault engine.
+    pub fn tracker(&self) -> &Arc<crate::fault::PageTracker> {
+        self.engine.tracker()
+    }
+
     pub fn spec(&self) -> MmioDeviceSpec {
         self.spec
     }

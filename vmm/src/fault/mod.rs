@@ -27,7 +27,7 @@ pub mod write_through;
 
 pub use metrics::{FaultMetrics, FaultStats, FlushPhases};
 pub use pages::{Access, DirtySet, PageState, PageStates, Run, Transition, PAGE_SIZE};
-pub use tracker::{BackingLost, Flush, PageTracker, Written, MAX_RUN_PAGES};
+pub use tracker::{BackingLost, Flush, FlushObserver, PageTracker, Written, MAX_RUN_PAGES};
 pub use truncation::TruncationGuard;
 
 /// Waits between retries of something the host may give back (disk space,

@@ -25,6 +25,21 @@ pub struct PageTracker {
     /// the file back does not bring the lost pages back, so every later
     /// flush fails too.
     truncated: AtomicBool,
+    /// Told each successful flush's pages before the guest is: the crash
+    /// bench's log of what each flush wrote back.
+    observer: ObserverSlot,
+}
+
+/// See [`PageTracker::observe_flushes`].
+pub type FlushObserver = Box<dyn Fn(&DirtySet) + Send>;
+
+#[derive(Default)]
+struct ObserverSlot(Mutex<Option<FlushObserver>>);
+
+impl std::fmt::Debug for ObserverSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ObserverSlot")
+    }
 }
 
 /// Why a flush cannot claim durability: the backing file lost pages.
@@ -51,7 +66,14 @@ impl PageTracker {
             states: Mutex::new(PageStates::new(size / PAGE_SIZE)),
             metrics: FaultMetrics::default(),
             truncated: AtomicBool::new(false),
+            observer: ObserverSlot::default(),
         })
+    }
+
+    /// Calls `observer` with the pages of each flush that made its pages
+    /// durable (not a whole-file peer sync), before the flush completes.
+    pub fn observe_flushes(&self, observer: FlushObserver) {
+        *self.observer.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer);
     }
 
     pub fn states(&self) -> MutexGuard<'_, PageStates> {
@@ -179,6 +201,16 @@ impl<'a> Flush<'a> {
         match result {
             Ok(Written::Durable { runs }) => {
                 let pages = self.set.len();
+                if let Some(observe) = self
+                    .tracker
+                    .observer
+                    .0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                {
+                    observe(&self.set);
+                }
                 metrics.record_flush(pages, runs, self.phases);
                 Ok(WritebackReport {
                     pages: Some(pages),
@@ -342,6 +374,31 @@ mod tests {
         assert_eq!(shared.states().state(4), Some(PageState::Dirty));
         assert_eq!(shared.stats("kernel").flush.pages, 0);
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn the_observer_sees_each_durable_flush_and_no_failed_one() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let shared = PageTracker::new(8 * PAGE_SIZE);
+        let log = seen.clone();
+        shared.observe_flushes(Box::new(move |set| {
+            let pages: Vec<u64> = set
+                .runs(8)
+                .flat_map(|r| r.first..r.first + r.pages)
+                .collect();
+            log.lock().unwrap().push(pages);
+        }));
+        for p in [2, 3, 6] {
+            shared.states().mark_dirty(p);
+        }
+        let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
+        flush.finish(Ok(Written::Durable { runs: 2 })).unwrap();
+        shared.states().mark_dirty(1);
+        let flush = shared.begin_flush(|_, _| Ok(())).unwrap();
+        flush
+            .finish(Err(io::Error::from_raw_os_error(libc::EIO)))
+            .unwrap_err();
+        assert_eq!(*seen.lock().unwrap(), vec![vec![2, 3, 6]]);
     }
 
     fn dirty(shared: &PageTracker) -> Vec<u64> {
