@@ -129,6 +129,8 @@ struct CrashVmArgs {
     backing: PathBuf,
     #[arg(long)]
     acks: PathBuf,
+    #[arg(long)]
+    flush_log: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -289,7 +291,12 @@ fn run_bench(what: BenchCommand) -> Result<(), lab::ProbeError> {
                 seed: a.seed,
                 flush_mask: a.flush_mask,
             };
-            return lab::crash::vm::child_main(&config, &a.acks, Duration::from_secs(600));
+            return lab::crash::vm::child_main(
+                &config,
+                &a.acks,
+                &a.flush_log,
+                Duration::from_secs(600),
+            );
         }
         BenchCommand::Crash(a) => {
             let defaults = lab::crash::bench::CrashBenchConfig::default();

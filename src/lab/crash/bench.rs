@@ -15,7 +15,7 @@ use super::super::bench::{write_json, ProbeCase};
 use super::super::paging::PAGE;
 use super::super::powercut::PowerCutFs;
 use super::super::ProbeError;
-use super::vm::AckFile;
+use super::vm::{read_flush_log, AckFile};
 use super::{check, CrashLayout, RoundCheck};
 
 /// How a round ends.
@@ -97,6 +97,24 @@ pub struct RoundRecord {
     pub pages_synced: u64,
     /// vCPUs that filled their area before the end.
     pub full_vcpus: u64,
+    /// Flushes the engine completed, from its log.
+    pub flushes: u64,
+}
+
+/// Pages that a sync made durable but no flush of the engine listed: a
+/// page the dirty set dropped and fdatasync happened to cover. Sync `k`
+/// (one per flush) also carries pages written after flush `k` took its
+/// dirty set, which flush `k + 1` lists; so with `m` flushes logged only
+/// the first `m - 1` syncs are checked (the kill can come after a sync
+/// and before its flush is logged).
+fn unlisted_pages(syncs: &[super::super::powercut::SyncRecord], flushes: &[Vec<u64>]) -> u64 {
+    let listed: std::collections::BTreeSet<u64> = flushes.iter().flatten().copied().collect();
+    let n = syncs.len().min(flushes.len().saturating_sub(1));
+    let synced: std::collections::BTreeSet<u64> = syncs[..n]
+        .iter()
+        .flat_map(|s| s.pages.iter().copied())
+        .collect();
+    synced.difference(&listed).count() as u64
 }
 
 /// All rounds of one engine and one way of ending.
@@ -180,7 +198,8 @@ impl CrashReport {
             ));
         }
         out.push_str(
-            "acked: records acknowledged; intact: records found whole; lost: acknowledged but missing or damaged (must be 0);\n\
+            "acked: records acknowledged; intact: records found whole; lost: acknowledged but missing or damaged, and (power cut)\n\
+             pages a sync made durable that no flush of the engine listed, a dropped page fdatasync covered (must be 0);\n\
              unacked: found past the acknowledgement; torn: being written at the end; syncs: completed fsyncs (power cut)\n",
         );
         for f in &self.failures {
@@ -383,6 +402,7 @@ fn run_round(
         _ => ws.scratch.join(&name),
     };
     let acks = ws.scratch.join("acks");
+    let flush_log = ws.scratch.join("flushes");
     let exe = std::env::current_exe().map_err(ProbeError::EventLoop)?;
     let mut child = Command::new(exe)
         .args(["bench", "crash-vm", "--engine", case.name()])
@@ -394,6 +414,8 @@ fn run_round(
         .arg(&backing)
         .arg("--acks")
         .arg(&acks)
+        .arg("--flush-log")
+        .arg(&flush_log)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -427,6 +449,11 @@ fn run_round(
             return Err(fail(&mut child, "the VM did not start".into()));
         }
     }
+    // Syncs before this are the engine's start (prefault's), not flushes.
+    let syncs_at_start = match (&ws.cut_fs, end) {
+        (Some(fs), CrashEnd::Cut) => fs.sync_log(&name).map_or(0, |l| l.len()),
+        _ => 0,
+    };
     // The end falls after the first acknowledgement, so that every round
     // has acknowledged records to lose.
     let first_ack = Instant::now();
@@ -469,18 +496,26 @@ fn run_round(
     child.wait().map_err(ProbeError::EventLoop)?;
     let full_vcpus = stdout.try_iter().filter(|l| l.ends_with(" full")).count() as u64;
     let acked = AckFile::read(&acks, layout.vcpus).map_err(ProbeError::EventLoop)?;
-    let (check, syncs, pages_synced) = match (&ws.cut_fs, image) {
+    let flushes = read_flush_log(&flush_log).map_err(ProbeError::EventLoop)?;
+    let (mut check, syncs, pages_synced) = match (&ws.cut_fs, image) {
         (Some(fs), Some(image)) => {
             let c = check(&layout, &acked, |p| image.page(p).to_vec());
             let log = fs.sync_log(&name).unwrap_or_default();
+            let log = log.get(syncs_at_start..).unwrap_or_default();
             if c.lost > 0 {
                 for (i, s) in log.iter().enumerate().rev().take(8) {
-                    eprintln!("  sync {i}: pages {:?}", s.pages);
+                    eprintln!("  file system sync {i}: pages {:?}", s.pages);
+                }
+                for (i, f) in flushes.iter().enumerate().rev().take(8) {
+                    eprintln!("  engine flush {i}: pages {f:?}");
                 }
             }
             let pages: u64 = log.iter().map(|s| s.pages.len() as u64).sum();
+            let unlisted = unlisted_pages(log, &flushes);
             let _ = std::fs::remove_file(&backing);
             fs.forget(&name);
+            let mut c = c;
+            c.unlisted_pages = unlisted;
             (c, log.len() as u64, pages)
         }
         _ => {
@@ -495,8 +530,20 @@ fn run_round(
             (c, 0, 0)
         }
     };
+    if check.unlisted_pages > 0 {
+        check.lost += check.unlisted_pages;
+        check.first_losses.push((
+            0,
+            0,
+            format!(
+                "{} pages reached the file in a sync but in no flush the engine logged",
+                check.unlisted_pages
+            ),
+        ));
+    }
     Ok(RoundRecord {
         round,
+        flushes: flushes.len() as u64,
         seed,
         delay_us: delay.as_micros() as u64,
         round_us: started.elapsed().as_micros() as u64,
@@ -505,4 +552,45 @@ fn run_round(
         pages_synced,
         full_vcpus,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::powercut::SyncRecord;
+    use super::*;
+
+    fn sync(pages: &[u64]) -> SyncRecord {
+        SyncRecord {
+            pages: pages.to_vec(),
+            size: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn a_synced_page_no_flush_listed_is_counted() {
+        // Sync 0 carries page 9, written after flush 0 took its set; flush
+        // 1 lists it. Page 7 is in no flush: the dirty set dropped it.
+        let syncs = [sync(&[1, 2, 9]), sync(&[3, 7]), sync(&[4])];
+        let flushes = vec![vec![1, 2], vec![9, 3], vec![4]];
+        assert_eq!(unlisted_pages(&syncs, &flushes), 1);
+        // Without flush 2's log, sync 1 cannot be checked yet.
+        assert_eq!(unlisted_pages(&syncs, &flushes[..2]), 0);
+        assert_eq!(unlisted_pages(&syncs, &[]), 0);
+    }
+
+    #[test]
+    fn round_seeds_differ_by_engine_end_and_round() {
+        let k = ProbeCase::ENGINES[0];
+        let u = ProbeCase::ENGINES[2];
+        let a = round_seed(1, k, CrashEnd::Kill, 0);
+        assert_eq!(a, round_seed(1, k, CrashEnd::Kill, 0));
+        for b in [
+            round_seed(1, k, CrashEnd::Cut, 0),
+            round_seed(1, u, CrashEnd::Kill, 0),
+            round_seed(1, k, CrashEnd::Kill, 1),
+            round_seed(2, k, CrashEnd::Kill, 0),
+        ] {
+            assert_ne!(a, b);
+        }
+    }
 }

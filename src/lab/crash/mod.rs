@@ -70,6 +70,9 @@ pub struct RoundCheck {
     /// vCPUs whose shared-page slot is older than their acknowledgement,
     /// or holds a value they never wrote (an 8-byte store torn).
     pub shared_behind: u64,
+    /// Power cut: pages a sync made durable that no engine flush listed
+    /// (counted in `lost` too).
+    pub unlisted_pages: u64,
     /// The first losses, for the failure report: (vCPU, seq, why).
     pub first_losses: Vec<(u8, u64, String)>,
 }

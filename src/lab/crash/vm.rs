@@ -89,11 +89,55 @@ impl AckFile {
 /// A crash VM, built and ready to run.
 pub struct CrashVm {
     /// Keeps the VM, its memory and its pmem device alive.
-    _machine: vmm::machine::Machine,
+    machine: vmm::machine::Machine,
     vcpus: Vec<VcpuFd>,
     exits: Arc<vmm::vcpu::VcpuContext>,
     events: Option<DeviceEventLoop>,
     mem: vm_memory::GuestMemoryMmap,
+}
+
+/// Appends one line per successful flush to `path`: the runs it wrote
+/// back, `FIRST+PAGES` each, space-separated (an empty line for none).
+fn log_flushes(vm: &CrashVm, path: &Path) -> std::io::Result<()> {
+    let file = File::options()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)?;
+    let file = std::sync::Mutex::new(file);
+    vm.machine.pmem.devices[0]
+        .tracker()
+        .observe_flushes(Box::new(move |set| {
+            let mut line = set
+                .runs(u64::MAX)
+                .map(|r| format!("{}+{}", r.first, r.pages))
+                .collect::<Vec<_>>()
+                .join(" ");
+            line.push('\n');
+            let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+            // One write per flush: a kill leaves whole lines.
+            if let Err(e) = f.write_all(line.as_bytes()) {
+                log::error!("crash VM: cannot log a flush: {e}");
+            }
+        }));
+    Ok(())
+}
+
+/// The pages of each flush in a log [`log_flushes`] wrote.
+pub fn read_flush_log(path: &Path) -> std::io::Result<Vec<Vec<u64>>> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text
+        .lines()
+        .map(|line| {
+            line.split_whitespace()
+                .filter_map(|run| {
+                    let (first, pages) = run.split_once('+')?;
+                    Some((first.parse::<u64>().ok()?, pages.parse::<u64>().ok()?))
+                })
+                .flat_map(|(first, pages)| first..first + pages)
+                .collect()
+        })
+        .collect())
 }
 
 /// How a vCPU of a crash VM stopped (when nothing ended the VM first).
@@ -197,7 +241,7 @@ impl CrashVm {
         let exit = ExitSignal::new().map_err(ProbeError::EventLoop)?;
         let exits = machine.vcpu_context(Bus::new(), Arc::new(exit));
         Ok(Self {
-            _machine: machine,
+            machine,
             vcpus,
             exits,
             events,
@@ -315,15 +359,22 @@ fn run_vcpu(
     }
 }
 
-/// The child process's side (`pmemvm bench crash-vm`): build the VM, say
-/// "running" on stdout, run until ended. A child whose parent died, or
+/// The child process's side (`pmemvm bench crash-vm`): build the VM, log
+/// each flush's pages to `flush_log`, say "running" on stdout, run until
+/// ended. A child whose parent died, or
 /// that outlives `limit`, ends itself.
-pub fn child_main(config: &CrashVmConfig, acks: &Path, limit: Duration) -> Result<(), ProbeError> {
+pub fn child_main(
+    config: &CrashVmConfig,
+    acks: &Path,
+    flush_log: &Path,
+    limit: Duration,
+) -> Result<(), ProbeError> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and changes
     // only this process's death signal.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     let acks = AckFile::create(acks, config.layout.vcpus).map_err(ProbeError::EventLoop)?;
     let vm = CrashVm::new(config)?;
+    log_flushes(&vm, flush_log).map_err(ProbeError::EventLoop)?;
     std::thread::Builder::new()
         .name("crash-limit".into())
         .spawn(move || {
