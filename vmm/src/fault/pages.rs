@@ -318,7 +318,9 @@ impl Iterator for Runs<'_> {
             self.next = self.end;
             return None;
         }
-        let stop = self.next_bit(first, false).min(first + self.max);
+        let stop = self
+            .next_bit(first, false)
+            .min(first.saturating_add(self.max));
         self.next = stop;
         Some(Run {
             first,
@@ -479,6 +481,9 @@ mod tests {
         assert_eq!((r.offset(), r.bytes()), (63 * 4096, 3 * 4096));
         assert_eq!(set.len(), 57);
         assert_eq!(PageStates::new(10).take_dirty().runs(8).count(), 0);
+        // No cap: one run per stretch, and no overflow past the last page.
+        let whole: Vec<(u64, u64)> = set.runs(u64::MAX).map(|r| (r.first, r.pages)).collect();
+        assert_eq!(whole, runs);
     }
 
     #[test]
