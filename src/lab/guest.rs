@@ -93,6 +93,7 @@ pub const CR_TAG: usize = 0x130;
 pub const CR_FLUSH_MASK: usize = 0x138;
 pub const CR_SEQ: usize = 0x140;
 pub const CR_ACKED: usize = 0x148;
+pub const CR_INFLIGHT_MAX: usize = 0x150;
 /// Bytes per crash header.
 pub const CRASH_HEADER_SIZE: usize = 0x200;
 /// One record: eight u64 words, see [`crash_record`].
@@ -290,7 +291,7 @@ global_asm!(
     // slot of the shared page (one 8-byte store, racing the other vCPUs
     // on that page), and every 1..=mask+1 records send a flush request for
     // everything written so far. Half the flushes are waited for at once;
-    // the others stay in flight while records go on being written. When a
+    // during the others up to CR_INFLIGHT_MAX more records are written. When a
     // flush completes, its sequence number is acknowledged at CONTROL_ACK.
     // rdi = header, r8 = seq, r9 = seq of the flush in flight (0: none),
     // r10 = seq at which the next flush goes out, r11 = LCG state,
@@ -335,7 +336,14 @@ global_asm!(
     "    jz .Lcrash_maybe_flush",
     "    mov eax, dword ptr [rbp]",
     "    cmp eax, 0xffffffff",
-    "    je .Lcrash_loop",
+    "    jne .Lcrash_completed",
+    // Still in flight: go on writing, up to CR_INFLIGHT_MAX records past
+    // the flush, then wait for it, so each flush stays small.
+    "    mov rax, r8",
+    "    sub rax, r9",
+    "    cmp rax, qword ptr [rdi + {cr_inflight_max}]",
+    "    jb .Lcrash_loop",
+    "    jmp .Lcrash_wait",
     ".Lcrash_completed:",
     "    test eax, eax",
     "    jnz .Lcrash_flush_failed",
@@ -486,6 +494,7 @@ global_asm!(
     cr_flush_mask = const CR_FLUSH_MASK,
     cr_seq = const CR_SEQ,
     cr_acked = const CR_ACKED,
+    cr_inflight_max = const CR_INFLIGHT_MAX,
     record_k = const RECORD_K,
 );
 

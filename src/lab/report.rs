@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use super::bench::{table, FaultEvent, LatencySummary, Spread};
 use super::checks::{self, Check};
+use super::crash::bench::{CrashEnd, CrashReport};
 use super::flush::{self, FlushBenchConfigRecord, FlushSummaryRow};
 use plotters::coord::Shift;
 use plotters::element::DashedPathElement;
@@ -119,11 +120,12 @@ pub struct FlushReport {
     skipped_engines: Vec<SkippedEngine>,
 }
 
-/// A bench report, of either kind.
+/// A bench report, of any kind.
 #[derive(Debug)]
 pub enum Report {
     Faults(FaultReport),
     Flush(FlushReport),
+    Crash(CrashReport),
 }
 
 /// Reads a bench report, telling the kinds apart by its "bench" field.
@@ -156,6 +158,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Report, ReportError> {
     let report = match kind.as_str() {
         "faults" => Report::Faults(serde_json::from_value(value).map_err(shape("faults"))?),
         "flush" => Report::Flush(serde_json::from_value(value).map_err(shape("flush"))?),
+        "crash" => Report::Crash(serde_json::from_value(value).map_err(shape("crash"))?),
         _ => {
             return Err(ReportError::UnknownBench {
                 path: path.to_path_buf(),
@@ -225,6 +228,7 @@ impl Report {
         match self {
             Self::Faults(r) => r.summary_text(),
             Self::Flush(r) => r.summary_text(),
+            Self::Crash(r) => r.table(),
         }
     }
 
@@ -233,8 +237,125 @@ impl Report {
         match self {
             Self::Faults(r) => r.svg(),
             Self::Flush(r) => r.svg(),
+            Self::Crash(r) => crash_svg(r),
         }
     }
+}
+
+/// Acknowledged records per round (log scale), one series per engine and
+/// way of ending, with any round that lost records marked in red.
+fn crash_svg(r: &CrashReport) -> Result<String, ReportError> {
+    let rounds = r.series.iter().map(|s| s.rounds.len()).max().unwrap_or(0);
+    let acked_max = r
+        .series
+        .iter()
+        .flat_map(|s| s.rounds.iter().map(|x| x.check.acked))
+        .max()
+        .unwrap_or(0);
+    if rounds == 0 {
+        return Err(ReportError::NothingToDraw(
+            "the report holds no rounds".into(),
+        ));
+    }
+    let lost: u64 = r.series.iter().map(|s| s.lost()).sum();
+    let acked: u64 = r.series.iter().map(|s| s.sum(|x| x.check.acked)).sum();
+    let total_rounds: usize = r.series.iter().map(|s| s.rounds.len()).sum();
+    let subtitle = format!(
+        "{lost} of {acked} acknowledged records lost in {total_rounds} rounds; {} vCPU(s), seed {}",
+        r.vcpus, r.seed
+    );
+    let engines: Vec<&str> = {
+        let mut e: Vec<&str> = r.series.iter().map(|s| s.engine.as_str()).collect();
+        e.dedup();
+        e
+    };
+    let color_of = |engine: &str| {
+        let i = engines.iter().position(|e| *e == engine).unwrap_or(0);
+        engine_color(engine, i)
+    };
+    let legend: Vec<LegendEntry> = r
+        .series
+        .iter()
+        .map(|s| LegendEntry {
+            label: format!(
+                "{} {} ({})",
+                s.engine,
+                s.end.name(),
+                if s.end == CrashEnd::Cut {
+                    "triangles"
+                } else {
+                    "dots"
+                }
+            ),
+            color: color_of(&s.engine),
+            dashed: s.end == CrashEnd::Cut,
+        })
+        .chain([LegendEntry {
+            label: "red cross: a round that lost records".into(),
+            color: RGBColor(214, 39, 40),
+            dashed: false,
+        }])
+        .collect();
+    let (width, height, legend_w) = (1200u32, 700u32, 330u32);
+    let y_hi = (acked_max.max(1) as f64) * 2.0;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(draw_err)?;
+        let (head, rest) = root.split_vertically(78);
+        draw_heading(&head, "Crash rounds: acknowledged against lost", &subtitle)?;
+        let (plot, legend_area) = rest.split_horizontally(width - legend_w);
+        let mut chart = ChartBuilder::on(&plot)
+            .margin(12)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0f64..rounds as f64, (0.5f64..y_hi).log_scale())
+            .map_err(draw_err)?;
+        chart
+            .configure_mesh()
+            .x_desc("round")
+            .y_desc("records acknowledged (log scale; 0 drawn at the axis)")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .label_style(("sans-serif", 15))
+            .axis_desc_style(("sans-serif", 16))
+            .draw()
+            .map_err(draw_err)?;
+        for s in &r.series {
+            let color = color_of(&s.engine);
+            let points = s
+                .rounds
+                .iter()
+                .enumerate()
+                .map(|(i, x)| (i as f64, (x.check.acked as f64).max(0.5)));
+            match s.end {
+                CrashEnd::Kill => chart
+                    .draw_series(points.map(|p| Circle::new(p, 3, color.filled())))
+                    .map_err(draw_err)?,
+                CrashEnd::Cut => chart
+                    .draw_series(points.map(|p| TriangleMarker::new(p, 4, color.stroke_width(1))))
+                    .map_err(draw_err)?,
+            };
+            chart
+                .draw_series(
+                    s.rounds
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, x)| x.check.lost > 0)
+                        .map(|(i, x)| {
+                            Cross::new(
+                                (i as f64, (x.check.lost as f64).max(0.5)),
+                                8,
+                                RGBColor(214, 39, 40).stroke_width(3),
+                            )
+                        }),
+                )
+                .map_err(draw_err)?;
+        }
+        draw_legend_column(&legend_area, &legend)?;
+        root.present().map_err(draw_err)?;
+    }
+    Ok(svg)
 }
 
 impl FaultReport {

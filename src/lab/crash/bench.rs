@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::super::backing::{BackingKind, ScratchDir};
 use super::super::bench::{write_json, ProbeCase};
@@ -19,7 +19,7 @@ use super::vm::{read_flush_log, AckFile};
 use super::{check, CrashLayout, RoundCheck};
 
 /// How a round ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CrashEnd {
     /// SIGKILL of the pmemvm process: the host page cache survives.
@@ -82,7 +82,7 @@ impl Default for CrashBenchConfig {
 }
 
 /// One round, as the JSON keeps it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RoundRecord {
     pub round: u32,
     pub seed: u64,
@@ -118,7 +118,7 @@ fn unlisted_pages(syncs: &[super::super::powercut::SyncRecord], flushes: &[Vec<u
 }
 
 /// All rounds of one engine and one way of ending.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CrashSeries {
     pub engine: String,
     pub end: CrashEnd,
@@ -126,7 +126,7 @@ pub struct CrashSeries {
 }
 
 impl CrashSeries {
-    fn sum(&self, f: impl Fn(&RoundRecord) -> u64) -> u64 {
+    pub fn sum(&self, f: impl Fn(&RoundRecord) -> u64) -> u64 {
         self.rounds.iter().map(f).sum()
     }
 
@@ -141,9 +141,9 @@ impl CrashSeries {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CrashReport {
-    pub bench: &'static str,
+    pub bench: String,
     pub vcpus: u8,
     pub seed: u64,
     pub region_pages: u64,
@@ -311,7 +311,7 @@ pub fn run_crash(config: &CrashBenchConfig) -> Result<CrashReport, ProbeError> {
         }
     }
     Ok(CrashReport {
-        bench: "crash",
+        bench: "crash".into(),
         vcpus: config.vcpus,
         seed: config.seed,
         region_pages: layout.region_pages,

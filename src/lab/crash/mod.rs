@@ -54,7 +54,7 @@ impl CrashLayout {
 }
 
 /// What one ended VM left in its backing, against what it acknowledged.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RoundCheck {
     /// Records acknowledged (the sum of each vCPU's last acked seq).
     pub acked: u64,

@@ -20,9 +20,9 @@ use vmm::vcpu::ExitHandler;
 
 use super::super::guest::{
     crash_entry_offset, record_tag, ProbeExitCode, CONTROL_ACK, CONTROL_EXIT, CONTROL_FAULT,
-    CRASH_HEADER_SIZE, CR_AREA, CR_FLUSH_MASK, CR_HEAD, CR_LOCK, CR_RECORDS, CR_SEED, CR_SHARED,
-    CR_TAG, HDR_AVAIL, HDR_CONTROL, HDR_MAGIC, HDR_MMIO, HDR_QUEUE_MASK, HDR_RESPONSE, HDR_USED,
-    PROBE_MAGIC,
+    CRASH_HEADER_SIZE, CR_AREA, CR_FLUSH_MASK, CR_HEAD, CR_INFLIGHT_MAX, CR_LOCK, CR_RECORDS,
+    CR_SEED, CR_SHARED, CR_TAG, HDR_AVAIL, HDR_CONTROL, HDR_MAGIC, HDR_MMIO, HDR_QUEUE_MASK,
+    HDR_RESPONSE, HDR_USED, PROBE_MAGIC,
 };
 use super::super::paging::*;
 use super::super::vm::{
@@ -37,6 +37,9 @@ const VRING_DESC_F_WRITE: u16 = 2;
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// Guest RAM: the fixed low area and page tables; no results.
 const CRASH_RAM: u64 = MIN_RAM;
+/// Records a vCPU writes while its flush is in flight before it waits: a
+/// page's worth, so that flushes stay small and rounds acknowledge many.
+const INFLIGHT_MAX: u64 = 64;
 /// The queue lock the vCPUs take to publish a request (a spare word of
 /// the queue's request page).
 const QUEUE_LOCK_GPA: u64 = QUEUE_REQUEST_GPA + 0x20;
@@ -221,6 +224,7 @@ impl CrashVm {
                 (CR_SEED, seed),
                 (CR_TAG, record_tag(v)),
                 (CR_FLUSH_MASK, config.flush_mask),
+                (CR_INFLIGHT_MAX, INFLIGHT_MAX),
             ] {
                 let gpa = header + at as u64;
                 mem.write_obj(value, GuestAddress(gpa))
