@@ -1147,6 +1147,62 @@ mod tests {
     }
 
     #[test]
+    fn crash_report_is_summarised_and_drawn_with_its_losses() {
+        use super::super::crash::bench::{CrashSeries, RoundRecord};
+        use super::super::crash::RoundCheck;
+        let round = |i: u32, acked: u64, lost: u64| RoundRecord {
+            round: i,
+            seed: 7,
+            delay_us: 100,
+            round_us: 40_000,
+            check: RoundCheck {
+                acked,
+                intact: acked + 3,
+                lost,
+                ..RoundCheck::default()
+            },
+            syncs: 4,
+            pages_synced: 9,
+            full_vcpus: 0,
+            flushes: 5,
+        };
+        let report = CrashReport {
+            bench: "crash".into(),
+            vcpus: 2,
+            seed: 1,
+            region_pages: 4096,
+            max_delay_us: 40_000,
+            flush_mask: 15,
+            series: vec![
+                CrashSeries {
+                    engine: "kernel".into(),
+                    end: CrashEnd::Kill,
+                    rounds: vec![round(0, 900, 0), round(1, 0, 0)],
+                },
+                CrashSeries {
+                    engine: "uffd".into(),
+                    end: CrashEnd::Cut,
+                    rounds: vec![round(0, 500, 2), round(1, 700, 0)],
+                },
+            ],
+            failures: vec!["pmemvm bench crash --engine uffd --end cut --first-round 0".into()],
+            elapsed_s: 1.0,
+        };
+        let parsed = parse_str(&serde_json::to_string(&report).unwrap()).unwrap();
+        let text = parsed.summary();
+        assert!(text.contains("kernel     kill"), "{text}");
+        assert!(
+            text.contains("LOST: pmemvm bench crash --engine uffd"),
+            "{text}"
+        );
+        let svg = parsed.svg().unwrap();
+        assert!(
+            svg.contains("2 of 2100 acknowledged records lost in 4 rounds"),
+            "{svg}"
+        );
+    }
+
+    #[test]
     fn faults_report_is_summarised_and_drawn() {
         let report = parse_str(&faults_json(2_000_000)).unwrap();
         let summary = report.summary();
