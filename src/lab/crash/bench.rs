@@ -1,7 +1,7 @@
 //! `pmemvm bench crash`: rounds of crash VMs, each in a child process,
 //! ended by SIGKILL or by a power cut, and the check of what survived.
 
-use std::io::{BufRead, BufReader, IsTerminal, Read};
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -101,16 +101,32 @@ pub struct RoundRecord {
     pub flushes: u64,
 }
 
-/// Pages that a sync made durable but no flush of the engine listed: a
-/// page the dirty set dropped and fdatasync happened to cover. Sync `k`
-/// (one per flush) also carries pages written after flush `k` took its
-/// dirty set, which flush `k + 1` lists; so with `m` flushes logged only
-/// the first `m - 1` syncs are checked (the kill can come after a sync
-/// and before its flush is logged).
+/// Pages that a sync made durable but the engine's flush did not list: a
+/// page the dirty set dropped and fdatasync happened to cover (it writes
+/// the whole file's dirty page cache). Each flush ends in one sync, so
+/// sync `k` pairs with flush `k`; it may also carry pages written after
+/// flush `k` took its dirty set, which flush `k + 1` lists. So sync `k` is
+/// checked against flushes `k` and `k + 1`, for every `k` whose flush
+/// `k + 1` was logged before the end. Logs that do not pair up (a sync
+/// more than one past the flushes) are checked against all the flushes.
 fn unlisted_pages(syncs: &[super::super::powercut::SyncRecord], flushes: &[Vec<u64>]) -> u64 {
-    let listed: std::collections::BTreeSet<u64> = flushes.iter().flatten().copied().collect();
-    let n = syncs.len().min(flushes.len().saturating_sub(1));
-    let synced: std::collections::BTreeSet<u64> = syncs[..n]
+    use std::collections::BTreeSet;
+    let checked = syncs.len().min(flushes.len().saturating_sub(1));
+    if syncs.len() == flushes.len() || syncs.len() == flushes.len() + 1 {
+        return (0..checked)
+            .map(|k| {
+                let listed: BTreeSet<u64> =
+                    flushes[k].iter().chain(&flushes[k + 1]).copied().collect();
+                syncs[k]
+                    .pages
+                    .iter()
+                    .filter(|p| !listed.contains(p))
+                    .count() as u64
+            })
+            .sum();
+    }
+    let listed: BTreeSet<u64> = flushes.iter().flatten().copied().collect();
+    let synced: BTreeSet<u64> = syncs[..checked]
         .iter()
         .flat_map(|s| s.pages.iter().copied())
         .collect();
@@ -417,7 +433,7 @@ fn run_round(
         .arg("--flush-log")
         .arg(&flush_log)
         .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -449,11 +465,16 @@ fn run_round(
             return Err(fail(&mut child, "the VM did not start".into()));
         }
     }
-    // Syncs before this are the engine's start (prefault's), not flushes.
+    // Syncs before the vCPUs start are the engine's own (prefault's), not
+    // flushes.
     let syncs_at_start = match (&ws.cut_fs, end) {
         (Some(fs), CrashEnd::Cut) => fs.sync_log(&name).map_or(0, |l| l.len()),
         _ => 0,
     };
+    let go = child.stdin.take().map(|mut stdin| stdin.write_all(b"go\n"));
+    if !matches!(go, Some(Ok(()))) {
+        return Err(fail(&mut child, "cannot start its vCPUs".into()));
+    }
     // The end falls after the first acknowledgement, so that every round
     // has acknowledged records to lose.
     let first_ack = Instant::now();
@@ -502,7 +523,13 @@ fn run_round(
             let c = check(&layout, &acked, |p| image.page(p).to_vec());
             let log = fs.sync_log(&name).unwrap_or_default();
             let log = log.get(syncs_at_start..).unwrap_or_default();
-            if c.lost > 0 {
+            let unlisted = unlisted_pages(log, &flushes);
+            if c.lost > 0 || unlisted > 0 {
+                eprintln!(
+                    "  {} syncs after the start ({syncs_at_start} before), {} flushes logged",
+                    log.len(),
+                    flushes.len()
+                );
                 for (i, s) in log.iter().enumerate().rev().take(8) {
                     eprintln!("  file system sync {i}: pages {:?}", s.pages);
                 }
@@ -511,7 +538,6 @@ fn run_round(
                 }
             }
             let pages: u64 = log.iter().map(|s| s.pages.len() as u64).sum();
-            let unlisted = unlisted_pages(log, &flushes);
             let _ = std::fs::remove_file(&backing);
             fs.forget(&name);
             let mut c = c;
@@ -567,7 +593,7 @@ mod tests {
     }
 
     #[test]
-    fn a_synced_page_no_flush_listed_is_counted() {
+    fn a_synced_page_its_flushes_did_not_list_is_counted() {
         // Sync 0 carries page 9, written after flush 0 took its set; flush
         // 1 lists it. Page 7 is in no flush: the dirty set dropped it.
         let syncs = [sync(&[1, 2, 9]), sync(&[3, 7]), sync(&[4])];
@@ -576,6 +602,14 @@ mod tests {
         // Without flush 2's log, sync 1 cannot be checked yet.
         assert_eq!(unlisted_pages(&syncs, &flushes[..2]), 0);
         assert_eq!(unlisted_pages(&syncs, &[]), 0);
+        // A re-dirty the log missed: page 2, listed by flush 0, is synced
+        // again by sync 2 though flushes 2 and 3 do not list it.
+        let syncs = [sync(&[2]), sync(&[5]), sync(&[2, 6]), sync(&[6])];
+        let flushes = vec![vec![2], vec![5], vec![6], vec![6]];
+        assert_eq!(unlisted_pages(&syncs, &flushes), 1);
+        // Logs that do not pair up: the union is all that can be checked.
+        let flushes = vec![vec![2], vec![5, 6]];
+        assert_eq!(unlisted_pages(&syncs, &flushes), 0);
     }
 
     #[test]

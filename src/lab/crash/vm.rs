@@ -364,8 +364,8 @@ fn run_vcpu(
 }
 
 /// The child process's side (`pmemvm bench crash-vm`): build the VM, log
-/// each flush's pages to `flush_log`, say "running" on stdout, run until
-/// ended. A child whose parent died, or
+/// each flush's pages to `flush_log`, say "running" on stdout, wait for a
+/// line on stdin, run until ended. A child whose parent died, or
 /// that outlives `limit`, ends itself.
 pub fn child_main(
     config: &CrashVmConfig,
@@ -392,6 +392,12 @@ pub fn child_main(
         let _ = writeln!(out, "running");
         let _ = out.flush();
     }
+    // The bench notes what its file system holds now, then says go: the
+    // syncs before that are the engine's start, not flushes.
+    let mut go = String::new();
+    std::io::stdin()
+        .read_line(&mut go)
+        .map_err(ProbeError::EventLoop)?;
     for (v, end) in vm.run(acks).into_iter().enumerate() {
         match end {
             VcpuEnd::Full => println!("vcpu {v} full"),
