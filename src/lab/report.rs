@@ -1178,11 +1178,13 @@ mod tests {
                     engine: "kernel".into(),
                     end: CrashEnd::Kill,
                     rounds: vec![round(0, 900, 0), round(1, 0, 0)],
+                    stalled: 1,
                 },
                 CrashSeries {
                     engine: "uffd".into(),
                     end: CrashEnd::Cut,
                     rounds: vec![round(0, 500, 2), round(1, 700, 0)],
+                    stalled: 0,
                 },
             ],
             failures: vec!["pmemvm bench crash --engine uffd --end cut --first-round 0".into()],

@@ -244,8 +244,7 @@ impl ProbeVm {
             region_gpa,
             mmio_gpa,
         } = lab;
-        let mut tables = PageTableBuilder::new(&mem, PAGE_TABLES_GPA, PAGE_TABLES_END)?;
-        map_fixed_area(&mem, &mut tables, mmio_gpa)?;
+        let mut tables = fixed_page_tables(&mem, mmio_gpa)?;
         tables.identity_map(RESULTS_GPA, ram - RESULTS_GPA, PageAccess::UserReadWrite)?;
         for block in touched_blocks(steps) {
             for page in block * 512..(block + 1) * 512 {
@@ -602,10 +601,21 @@ impl LabMachine {
     }
 }
 
+/// Page tables holding [`map_fixed_area`]'s mappings, to add the pmem
+/// region's pages to.
+pub(super) fn fixed_page_tables(
+    mem: &GuestMemoryMmap,
+    mmio_gpa: u64,
+) -> Result<PageTableBuilder<'_>, ProbeError> {
+    let mut tables = PageTableBuilder::new(mem, PAGE_TABLES_GPA, PAGE_TABLES_END)?;
+    map_fixed_area(mem, &mut tables, mmio_gpa)?;
+    Ok(tables)
+}
+
 /// Descriptor tables, the probe code and the identity mappings of the
 /// fixed low area (tables, stacks, parameters, queue, code) and of the
 /// device's and the control page's MMIO.
-pub(super) fn map_fixed_area(
+fn map_fixed_area(
     mem: &GuestMemoryMmap,
     tables: &mut PageTableBuilder,
     mmio_gpa: u64,

@@ -139,6 +139,9 @@ pub struct CrashSeries {
     pub engine: String,
     pub end: CrashEnd,
     pub rounds: Vec<RoundRecord>,
+    /// Rounds whose VM made no progress and were run again.
+    #[serde(default)]
+    pub stalled: u64,
 }
 
 impl CrashSeries {
@@ -218,6 +221,14 @@ impl CrashReport {
              pages a sync made durable that no flush of the engine listed, a dropped page fdatasync covered (must be 0);\n\
              unacked: found past the acknowledgement; torn: being written at the end; syncs: completed fsyncs (power cut)\n",
         );
+        for s in self.series.iter().filter(|s| s.stalled > 0) {
+            out.push_str(&format!(
+                "STALLED: {} {}: {} round(s) made no progress and ran again\n",
+                s.engine,
+                s.end.name(),
+                s.stalled
+            ));
+        }
         for f in &self.failures {
             out.push_str(&format!("LOST: {f}\n"));
         }
@@ -298,11 +309,28 @@ pub fn run_crash(config: &CrashBenchConfig) -> Result<CrashReport, ProbeError> {
                 engine: case.name().to_string(),
                 end,
                 rounds: Vec::new(),
+                stalled: 0,
             };
             let progress = Progress::new(config.progress, &s, config.rounds);
             for i in 0..config.rounds {
                 let round = config.first_round + i;
-                let r = run_round(&ws, config, layout, case, end, round)?;
+                let r = match run_round(&ws, config, layout, case, end, round)? {
+                    RoundEnd::Checked(r) => r,
+                    // A VM that made no progress lost nothing; it is counted,
+                    // shown, and its round run once more. Twice is a failure.
+                    RoundEnd::Stalled(why) => {
+                        eprintln!("the VM stalled, running the round again: {why}");
+                        s.stalled += 1;
+                        match run_round(&ws, config, layout, case, end, round)? {
+                            RoundEnd::Checked(r) => r,
+                            RoundEnd::Stalled(why) => {
+                                return Err(ProbeError::ProtocolViolation(format!(
+                                    "stalled twice: {why}"
+                                )))
+                            }
+                        }
+                    }
+                };
                 if r.check.lost > 0 {
                     let replay = format!(
                         "pmemvm bench crash --engine {} --end {} --vcpus {} --seed {} --first-round {round} --rounds 1",
@@ -385,6 +413,33 @@ impl Progress {
     }
 }
 
+/// Each thread of process `pid` as "name state wchan", for a report on a
+/// VM that stopped making progress.
+fn thread_states(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "gone".into();
+    };
+    let mut out: Vec<String> = tasks
+        .flatten()
+        .map(|t| {
+            let read = |f: &str| {
+                std::fs::read_to_string(t.path().join(f))
+                    .map_or_else(|_| "?".into(), |s| s.trim().to_string())
+            };
+            let stat = read("stat");
+            // The state follows the parenthesised name.
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .unwrap_or("?")
+                .to_string();
+            format!("{} {state} {}", read("comm"), read("wchan"))
+        })
+        .collect();
+    out.sort();
+    out.join(", ")
+}
+
 /// The child's console, line by line.
 fn lines_of(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
@@ -399,8 +454,15 @@ fn lines_of(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
-/// How long a child may take to build its VM.
-const START_LIMIT: Duration = Duration::from_secs(120);
+/// How long a child may take to build its VM, and then to complete its
+/// first flush (under a second on either host kind when well).
+const START_LIMIT: Duration = Duration::from_secs(60);
+
+/// How a round went: checked, or its VM made no progress (and was killed).
+enum RoundEnd {
+    Checked(RoundRecord),
+    Stalled(String),
+}
 
 fn run_round(
     ws: &Workspace,
@@ -409,7 +471,7 @@ fn run_round(
     case: ProbeCase,
     end: CrashEnd,
     round: u32,
-) -> Result<RoundRecord, ProbeError> {
+) -> Result<RoundEnd, ProbeError> {
     let started = Instant::now();
     let seed = round_seed(config.seed, case, end, round);
     let name = format!("{}-{}-{round}.img", case.name(), end.name());
@@ -446,23 +508,27 @@ fn run_round(
     };
     let stdout = lines_of(out);
     let stderr = lines_of(err);
-    let fail = |child: &mut Child, why: String| -> ProbeError {
+    // Ends the child and says why, with its threads and its stderr.
+    let end_child = |child: &mut Child, why: String| -> String {
+        let threads = thread_states(child.id());
         let _ = child.kill();
         let _ = child.wait();
         let log: Vec<String> = stderr.try_iter().collect();
-        ProbeError::ProtocolViolation(format!(
-            "crash round {round} ({} {}): {why}; the VM said:\n{}",
+        format!(
+            "crash round {round} ({} {}): {why}; its threads were: {threads}; the VM said:\n{}",
             case.name(),
             end.name(),
             log.join("\n")
-        ))
+        )
     };
+    let fail =
+        |child: &mut Child, why: String| ProbeError::ProtocolViolation(end_child(child, why));
     match stdout.recv_timeout(START_LIMIT) {
         Ok(l) if l == "running" => {}
         Ok(l) => return Err(fail(&mut child, format!("unexpected line {l:?}"))),
         Err(_) => {
-            std::thread::sleep(Duration::from_millis(50));
-            return Err(fail(&mut child, "the VM did not start".into()));
+            let why = end_child(&mut child, format!("not running after {START_LIMIT:?}"));
+            return Ok(RoundEnd::Stalled(why));
         }
     }
     // Syncs before the vCPUs start are the engine's own (prefault's), not
@@ -490,7 +556,8 @@ fn run_round(
             ));
         }
         if first_ack.elapsed() > START_LIMIT {
-            return Err(fail(&mut child, "no flush completed".into()));
+            let why = end_child(&mut child, format!("no flush completed in {START_LIMIT:?}"));
+            return Ok(RoundEnd::Stalled(why));
         }
         std::thread::sleep(Duration::from_micros(200));
     }
@@ -567,7 +634,7 @@ fn run_round(
             ),
         ));
     }
-    Ok(RoundRecord {
+    Ok(RoundEnd::Checked(RoundRecord {
         round,
         flushes: flushes.len() as u64,
         seed,
@@ -577,7 +644,7 @@ fn run_round(
         syncs,
         pages_synced,
         full_vcpus,
-    })
+    }))
 }
 
 #[cfg(test)]

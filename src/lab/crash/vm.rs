@@ -26,7 +26,7 @@ use super::super::guest::{
 };
 use super::super::paging::*;
 use super::super::vm::{
-    activate_device, guest_write, map_fixed_area, user_vcpu, write_descriptor, LabMachine,
+    activate_device, fixed_page_tables, guest_write, user_vcpu, write_descriptor, LabMachine,
     PROBE_QUEUE_SIZE,
 };
 use super::super::ProbeError;
@@ -160,21 +160,14 @@ impl CrashVm {
                 layout.vcpus, layout.region_pages
             )));
         }
-        let lab = LabMachine::build(
+        let mut lab = LabMachine::build(
             &config.engine,
             &config.backing,
             layout.region_pages,
             CRASH_RAM,
         )?;
-        let LabMachine {
-            mut machine,
-            mem,
-            cpuid,
-            region_gpa,
-            mmio_gpa,
-        } = lab;
-        let mut tables = PageTableBuilder::new(&mem, PAGE_TABLES_GPA, PAGE_TABLES_END)?;
-        map_fixed_area(&mem, &mut tables, mmio_gpa)?;
+        let (mem, region_gpa, mmio_gpa) = (lab.mem.clone(), lab.region_gpa, lab.mmio_gpa);
+        let mut tables = fixed_page_tables(&mem, mmio_gpa)?;
         for page in 0..layout.region_pages {
             let a = region_gpa + page * PAGE;
             tables.map_page(a, a, PageAccess::UserPmem)?;
@@ -231,8 +224,8 @@ impl CrashVm {
                     .map_err(guest_write("crash header", gpa))?;
             }
             vcpus.push(user_vcpu(
-                &machine,
-                &cpuid,
+                &lab.machine,
+                &lab.cpuid,
                 v,
                 count,
                 tables.root(),
@@ -240,12 +233,12 @@ impl CrashVm {
                 header,
             )?);
         }
-        activate_device(&machine.mmio, mmio_gpa)?;
-        let events = DeviceEventLoop::start(&machine.pmem).map_err(ProbeError::EventLoop)?;
+        activate_device(&lab.machine.mmio, mmio_gpa)?;
+        let events = DeviceEventLoop::start(&lab.machine.pmem).map_err(ProbeError::EventLoop)?;
         let exit = ExitSignal::new().map_err(ProbeError::EventLoop)?;
-        let exits = machine.vcpu_context(Bus::new(), Arc::new(exit));
+        let exits = lab.machine.vcpu_context(Bus::new(), Arc::new(exit));
         Ok(Self {
-            machine,
+            machine: lab.machine,
             vcpus,
             exits,
             events,
