@@ -508,11 +508,17 @@ fn run_round(
     };
     let stdout = lines_of(out);
     let stderr = lines_of(err);
-    // Ends the child and says why, with its threads and its stderr.
+    // Ends the child and says why, with its threads and its stderr. The
+    // backing goes too: a rerun of the round must not find this one's
+    // durable records under the same name.
     let end_child = |child: &mut Child, why: String| -> String {
         let threads = thread_states(child.id());
         let _ = child.kill();
         let _ = child.wait();
+        let _ = std::fs::remove_file(&backing);
+        if let (Some(fs), CrashEnd::Cut) = (&ws.cut_fs, end) {
+            fs.forget(&name);
+        }
         let log: Vec<String> = stderr.try_iter().collect();
         format!(
             "crash round {round} ({} {}): {why}; its threads were: {threads}; the VM said:\n{}",
