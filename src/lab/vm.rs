@@ -47,10 +47,10 @@ const PROBE_FEATURES: &[vmm::cpu::Feature] = &[
 ];
 /// Entries of the probe's request queue.
 pub const PROBE_QUEUE_SIZE: u16 = 16;
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
+pub(super) const VRING_DESC_F_NEXT: u16 = 1;
+pub(super) const VRING_DESC_F_WRITE: u16 = 2;
 /// avail.flags: the probe polls the used ring, no interrupt wanted.
-const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+pub(super) const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// The most steps the parameter pages hold (one slot stays the end mark).
 pub const MAX_STEPS: usize = (PARAMS_SIZE as usize - STEPS_OFFSET) / STEP_SIZE - 1;
 

@@ -27,14 +27,11 @@ use super::super::guest::{
 use super::super::paging::*;
 use super::super::vm::{
     activate_device, fixed_page_tables, guest_write, user_vcpu, write_descriptor, LabMachine,
-    PROBE_QUEUE_SIZE,
+    PROBE_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use super::super::ProbeError;
 use super::{CrashLayout, MAX_VCPUS};
 
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
-const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// Guest RAM: the fixed low area and page tables; no results.
 const CRASH_RAM: u64 = MIN_RAM;
 /// Records a vCPU writes while its flush is in flight before it waits: a
@@ -155,7 +152,7 @@ impl CrashVm {
     pub fn new(config: &CrashVmConfig) -> Result<Self, ProbeError> {
         let layout = config.layout;
         if layout.vcpus == 0 || layout.vcpus > MAX_VCPUS || layout.area_pages() == 0 {
-            return Err(ProbeError::ProtocolViolation(format!(
+            return Err(ProbeError::Config(format!(
                 "a crash VM runs 1 to {MAX_VCPUS} vCPUs, each with a page of its own ({} vCPUs, {} pages)",
                 layout.vcpus, layout.region_pages
             )));
