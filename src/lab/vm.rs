@@ -50,7 +50,7 @@ pub const PROBE_QUEUE_SIZE: u16 = 16;
 pub(super) const VRING_DESC_F_NEXT: u16 = 1;
 pub(super) const VRING_DESC_F_WRITE: u16 = 2;
 /// avail.flags: the probe polls the used ring, no interrupt wanted.
-pub(super) const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// The most steps the parameter pages hold (one slot stays the end mark).
 pub const MAX_STEPS: usize = (PARAMS_SIZE as usize - STEPS_OFFSET) / STEP_SIZE - 1;
 
@@ -257,13 +257,7 @@ impl ProbeVm {
         // over as descriptor 0 -> 1.
         write_descriptor(&mem, 0, QUEUE_REQUEST_GPA, 4, VRING_DESC_F_NEXT, 1)?;
         write_descriptor(&mem, 1, QUEUE_RESPONSE_GPA, 4, VRING_DESC_F_WRITE, 0)?;
-        mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT, GuestAddress(QUEUE_AVAIL_GPA))
-            .map_err(guest_write("avail ring", QUEUE_AVAIL_GPA))?;
-        mem.write_obj(
-            devices::virtio::pmem::VIRTIO_PMEM_REQ_TYPE_FLUSH,
-            GuestAddress(QUEUE_REQUEST_GPA),
-        )
-        .map_err(guest_write("flush request", QUEUE_REQUEST_GPA))?;
+        write_flush_request(&mem)?;
 
         // Parameters and the step list.
         let header = ProbeHeader {
@@ -666,6 +660,18 @@ struct Snapshot {
     vcpu: BTreeMap<String, u64>,
     vm: BTreeMap<String, u64>,
     at: Instant,
+}
+
+/// The request every chain of the probe's queue starts with (FLUSH), and
+/// the avail ring's no-interrupt flag: the probe polls for completions.
+pub(super) fn write_flush_request(mem: &GuestMemoryMmap) -> Result<(), ProbeError> {
+    mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT, GuestAddress(QUEUE_AVAIL_GPA))
+        .map_err(guest_write("avail ring", QUEUE_AVAIL_GPA))?;
+    mem.write_obj(
+        devices::virtio::pmem::VIRTIO_PMEM_REQ_TYPE_FLUSH,
+        GuestAddress(QUEUE_REQUEST_GPA),
+    )
+    .map_err(guest_write("flush request", QUEUE_REQUEST_GPA))
 }
 
 pub(super) fn write_descriptor(

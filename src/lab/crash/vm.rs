@@ -26,8 +26,8 @@ use super::super::guest::{
 };
 use super::super::paging::*;
 use super::super::vm::{
-    activate_device, fixed_page_tables, guest_write, user_vcpu, write_descriptor, LabMachine,
-    PROBE_QUEUE_SIZE, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    activate_device, fixed_page_tables, guest_write, user_vcpu, write_descriptor,
+    write_flush_request, LabMachine, PROBE_QUEUE_SIZE, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use super::super::ProbeError;
 use super::{CrashLayout, MAX_VCPUS};
@@ -172,13 +172,7 @@ impl CrashVm {
 
         // One request chain per vCPU (2v -> 2v+1): the shared FLUSH request,
         // then the vCPU's own response word.
-        mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT, GuestAddress(QUEUE_AVAIL_GPA))
-            .map_err(guest_write("avail ring", QUEUE_AVAIL_GPA))?;
-        mem.write_obj(
-            devices::virtio::pmem::VIRTIO_PMEM_REQ_TYPE_FLUSH,
-            GuestAddress(QUEUE_REQUEST_GPA),
-        )
-        .map_err(guest_write("flush request", QUEUE_REQUEST_GPA))?;
+        write_flush_request(&mem)?;
         let count = layout.vcpus;
         let mut vcpus = Vec::with_capacity(usize::from(count));
         for v in 0..count {
