@@ -138,6 +138,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
 enum HostDecompressError {
     #[error("cannot read the image: {0}")]
     Read(std::io::Error),
+    #[error("the image is {0} bytes, more than a bzImage holds")]
+    TooLarge(u64),
     #[error(transparent)]
     Payload(#[from] payload::PayloadError),
     #[error("cannot load the decompressed vmlinux: {0}")]
@@ -162,7 +164,11 @@ fn load_host_decompressed(
     file: &mut File,
 ) -> Result<LoadedKernel, HostDecompressError> {
     let started = std::time::Instant::now();
-    let mut image = Vec::new();
+    let size = file.metadata().map_err(HostDecompressError::Read)?.len();
+    if size > payload::MAX_DECOMPRESSED as u64 {
+        return Err(HostDecompressError::TooLarge(size));
+    }
+    let mut image = Vec::with_capacity(size as usize);
     file.seek(SeekFrom::Start(0))
         .and_then(|_| file.read_to_end(&mut image))
         .map_err(HostDecompressError::Read)?;

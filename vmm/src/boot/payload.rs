@@ -29,6 +29,10 @@ const MIN_VERSION: u16 = 0x0208;
 /// cannot make pmemvm allocate without bound.
 pub const MAX_DECOMPRESSED: usize = 512 << 20;
 
+/// The most memory the xz and lzma decoders may take for their dictionary
+/// (a header may ask for up to 4 GiB); kernels use 32 or 64 MiB.
+const MEM_LIMIT_KIB: u32 = (MAX_DECOMPRESSED >> 10) as u32;
+
 /// The compressions a kernel build may choose (CONFIG_KERNEL_*).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -202,9 +206,14 @@ pub fn decompress(format: Compression, data: &[u8]) -> Result<Vec<u8>, PayloadEr
     // gzip's trailer is its own ISIZE field; the others' is appended.
     let mut reader: Box<dyn Read + '_> = match format {
         Compression::Gzip => Box::new(flate2::read::GzDecoder::new(data)),
-        Compression::Xz => Box::new(lzma_rust2::XzReader::new(body, false)),
+        Compression::Xz => Box::new(lzma_rust2::XzReader::new_mem_limit(
+            body,
+            false,
+            MEM_LIMIT_KIB,
+        )),
         Compression::Lzma => Box::new(
-            lzma_rust2::LzmaReader::new_mem_limit(body, u32::MAX, None).map_err(|e| failed(&e))?,
+            lzma_rust2::LzmaReader::new_mem_limit(body, MEM_LIMIT_KIB, None)
+                .map_err(|e| failed(&e))?,
         ),
         Compression::Zstd => Box::new(
             ruzstd::decoding::StreamingDecoder::new_with_max_window_size(
@@ -286,6 +295,25 @@ pub(crate) mod tests {
         out
     }
 
+    /// .lzma as `lzma -9` writes it from a pipe: size unknown in the
+    /// header, an end marker, then the appended size.
+    fn lzma(data: &[u8]) -> Vec<u8> {
+        let opts = lzma_rust2::LzmaOptions::with_preset(9);
+        let mut w = lzma_rust2::LzmaWriter::new_use_header(Vec::new(), &opts, None).unwrap();
+        w.write_all(data).unwrap();
+        let mut out = w.finish().unwrap();
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out
+    }
+
+    fn bzip2(data: &[u8]) -> Vec<u8> {
+        let mut w = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::best());
+        w.write_all(data).unwrap();
+        let mut out = w.finish().unwrap();
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out
+    }
+
     fn zstd(data: &[u8]) -> Vec<u8> {
         let mut out =
             ruzstd::encoding::compress_to_vec(data, ruzstd::encoding::CompressionLevel::Fastest);
@@ -338,12 +366,14 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn decompresses_gzip_xz_and_zstd_payloads() {
+    fn decompresses_gzip_xz_zstd_lzma_and_bzip2_payloads() {
         let elf = tiny_elf();
         for (packed, format, sects) in [
             (gzip(&elf), Compression::Gzip, 31),
             (xz(&elf), Compression::Xz, 0),
             (zstd(&elf), Compression::Zstd, 4),
+            (lzma(&elf), Compression::Lzma, 31),
+            (bzip2(&elf), Compression::Bzip2, 31),
         ] {
             let img = bzimage(sects, &packed);
             let p = decompress_payload(&img).unwrap_or_else(|e| panic!("{format}: {e}"));
@@ -432,6 +462,13 @@ pub(crate) mod tests {
         assert!(matches!(
             decompress_payload(&img),
             Err(PayloadError::NotElf(Compression::Gzip))
+        ));
+        // An lzma header asking for a 4 GiB dictionary.
+        let mut packed = lzma(&tiny_elf());
+        packed[1..5].copy_from_slice(&0xffff_0000u32.to_le_bytes());
+        assert!(matches!(
+            decompress_payload(&bzimage(31, &packed)),
+            Err(PayloadError::Decompress { .. })
         ));
         // A trailer claiming more than the limit is refused before decoding.
         let mut packed = zstd(&tiny_elf());
