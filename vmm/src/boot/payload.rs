@@ -189,7 +189,7 @@ pub fn decompress_payload(image: &[u8]) -> Result<Payload, PayloadError> {
 /// Decompresses a whole payload, trailer included, into exactly as many
 /// bytes as the trailer says, at most [`MAX_DECOMPRESSED`].
 pub fn decompress(format: Compression, data: &[u8]) -> Result<Vec<u8>, PayloadError> {
-    if matches!(format, Compression::Lz4 | Compression::Lzo) {
+    if format == Compression::Lzo {
         return Err(PayloadError::Unsupported(format));
     }
     let split = data.len().saturating_sub(4);
@@ -223,7 +223,9 @@ pub fn decompress(format: Compression, data: &[u8]) -> Result<Vec<u8>, PayloadEr
             .map_err(|e| failed(&e))?,
         ),
         Compression::Bzip2 => Box::new(bzip2::read::BzDecoder::new(body)),
-        Compression::Lz4 | Compression::Lzo => return Err(PayloadError::Unsupported(format)),
+        // The kernel's is the legacy frame (`lz4 -l`), which lz4_flex reads.
+        Compression::Lz4 => Box::new(lz4_flex::frame::FrameDecoder::new(body)),
+        Compression::Lzo => return Err(PayloadError::Unsupported(format)),
     };
     let mut out = Vec::with_capacity(want);
     // One byte more than the trailer allows shows a stream that runs on.
@@ -314,6 +316,20 @@ pub(crate) mod tests {
         out
     }
 
+    /// A legacy LZ4 frame as `lz4 -l` writes it: the magic, then blocks
+    /// of at most 8 MiB, each after its compressed size; then the appended
+    /// size.
+    fn lz4_legacy(data: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x02, 0x21, 0x4c, 0x18];
+        for chunk in data.chunks(8 << 20) {
+            let block = lz4_flex::block::compress(chunk);
+            out.extend_from_slice(&(block.len() as u32).to_le_bytes());
+            out.extend_from_slice(&block);
+        }
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out
+    }
+
     fn zstd(data: &[u8]) -> Vec<u8> {
         let mut out =
             ruzstd::encoding::compress_to_vec(data, ruzstd::encoding::CompressionLevel::Fastest);
@@ -366,7 +382,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn decompresses_gzip_xz_zstd_lzma_and_bzip2_payloads() {
+    fn decompresses_gzip_xz_zstd_lzma_bzip2_and_lz4_payloads() {
         let elf = tiny_elf();
         for (packed, format, sects) in [
             (gzip(&elf), Compression::Gzip, 31),
@@ -374,11 +390,35 @@ pub(crate) mod tests {
             (zstd(&elf), Compression::Zstd, 4),
             (lzma(&elf), Compression::Lzma, 31),
             (bzip2(&elf), Compression::Bzip2, 31),
+            (lz4_legacy(&elf), Compression::Lz4, 31),
         ] {
             let img = bzimage(sects, &packed);
             let p = decompress_payload(&img).unwrap_or_else(|e| panic!("{format}: {e}"));
             assert_eq!(p.format, format);
             assert_eq!(p.elf, elf, "{format}");
+        }
+    }
+
+    /// Kernels are bigger than one 8 MiB legacy LZ4 block or one xz block.
+    #[test]
+    fn decompresses_multi_block_payloads() {
+        let mut big = tiny_elf();
+        let mut x = 1u32;
+        big.extend((0..(9 << 20)).map(|i| {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            if i % 3 == 0 {
+                (x >> 24) as u8
+            } else {
+                b'k'
+            }
+        }));
+        for (packed, format) in [
+            (lz4_legacy(&big), Compression::Lz4),
+            (zstd(&big), Compression::Zstd),
+        ] {
+            let p = decompress_payload(&bzimage(31, &packed)).unwrap();
+            assert_eq!(p.format, format);
+            assert!(p.elf == big, "{format}");
         }
     }
 
@@ -453,10 +493,10 @@ pub(crate) mod tests {
             decompress_payload(&img),
             Err(PayloadError::UnknownCompression(_))
         ));
-        let img = bzimage(31, b"\x02\x21\x4c\x18 legacy lz4 frame...");
+        let img = bzimage(31, b"\x89LZO lzo payload...");
         assert!(matches!(
             decompress_payload(&img),
-            Err(PayloadError::Unsupported(Compression::Lz4))
+            Err(PayloadError::Unsupported(Compression::Lzo))
         ));
         let img = bzimage(31, &gzip(b"#!/bin/sh\necho not an ELF\n"));
         assert!(matches!(
