@@ -5,7 +5,7 @@
 //!
 //! A boot to init takes about 35 s on nested shadow-paging KVM, so each test
 //! is one boot and the in-guest work is kept small. They need /dev/kvm,
-//! target/guest/{vmlinux,initramfs.cpio.gz} (guest-images/build.sh),
+//! target/guest/{vmlinux,bzImage,initramfs.cpio.gz} (guest-images/build.sh),
 //! e2fsprogs and xfsprogs, and fail loudly without them.
 
 mod common;
@@ -21,8 +21,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 
 use common::{
-    file_contains, guest, mkfs_ext4, mkfs_xfs, path_str, pmem_arg, tool, tool_with_codes, TempDir,
-    Vm, WRITABLE_CHECKS, WRITABLE_METRICS,
+    bzimage_guest, file_contains, guest, mkfs_ext4, mkfs_xfs, path_str, pmem_arg, tool,
+    tool_with_codes, TempDir, Vm, WRITABLE_CHECKS, WRITABLE_METRICS,
 };
 
 const MIB: u64 = 1 << 20;
@@ -42,6 +42,21 @@ fn boot_to_init_exit_status() {
     out.expect_output(STARTED);
     out.expect_output("pmemvm-init: exiting with status 42");
     eprintln!("boot_to_init_exit_status: {:.1?}", out.elapsed);
+}
+
+/// A bzImage boots as fast as the vmlinux: pmemvm decompresses its payload
+/// on the host rather than leaving it to the guest's slow decompressor.
+#[test]
+fn bzimage_payload_decompressed_on_the_host() {
+    let out = Vm::run(&bzimage_guest(), "pmemvm_mode=exit=9", &[]);
+    out.expect_code(9);
+    out.expect_output("kernel: bzImage payload (");
+    out.expect_output("decompressed on the host in");
+    out.expect_output("pmemvm-init: exiting with status 9");
+    eprintln!(
+        "bzimage_payload_decompressed_on_the_host: {:.1?}",
+        out.elapsed
+    );
 }
 
 #[test]

@@ -75,6 +75,15 @@ pub fn guest() -> Guest {
     )
 }
 
+/// The same test kernel as a bzImage, with the same initramfs.
+pub fn bzimage_guest() -> Guest {
+    image(
+        "target/guest",
+        "bzImage",
+        "guest-images/build.sh (about 7 min the first time, seconds after an init.c change)",
+    )
+}
+
 /// Debian's own kernel with the test init and its modules
 /// (guest-images/stock-kernel/build.sh).
 pub fn stock_guest() -> Guest {

@@ -1,15 +1,18 @@
 //! Loading the guest kernel and initrd, and the Linux zero page.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
+pub mod payload;
+
+use self::payload::Compression;
 use crate::layout::{self, E820Entry};
 
 /// Offset of the 64-bit entry point from the start of a bzImage's
@@ -74,7 +77,12 @@ pub fn detect_image(head: &[u8]) -> Option<ImageKind> {
 #[derive(Debug, Clone, Copy)]
 pub struct LoadedKernel {
     pub kind: ImageKind,
-    /// Where the vCPU starts, in 64-bit mode.
+    /// For a bzImage, the compression of its payload when pmemvm
+    /// decompressed it on the host and loaded the vmlinux inside; `None`
+    /// when the bzImage itself was loaded and decompresses itself.
+    pub host_decompressed: Option<Compression>,
+    /// Where the vCPU starts, in 64-bit mode: the ELF entry of a vmlinux
+    /// (also one decompressed on the host), else the bzImage's 64-bit entry.
     pub entry: u64,
     /// First byte above the kernel image.
     pub end: u64,
@@ -94,23 +102,99 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         path: path.to_owned(),
     })?;
     let himem = Some(GuestAddress(layout::HIMEM_START));
-    let result = match kind {
-        ImageKind::Elf => Elf::load(mem, None, &mut file, himem),
-        ImageKind::BzImage => BzImage::load(mem, None, &mut file, himem),
-    }
-    .map_err(|source| BootError::KernelLoad {
+    let load_err = |source| BootError::KernelLoad {
         path: path.to_owned(),
         source,
-    })?;
-    let entry = match kind {
-        ImageKind::Elf => result.kernel_load.0,
-        ImageKind::BzImage => result.kernel_load.0 + BZIMAGE_64BIT_ENTRY,
     };
+    if kind == ImageKind::Elf {
+        let result = Elf::load(mem, None, &mut file, himem).map_err(load_err)?;
+        return Ok(LoadedKernel {
+            kind,
+            host_decompressed: None,
+            entry: result.kernel_load.0,
+            end: result.kernel_end,
+            setup_header: None,
+        });
+    }
+    match load_host_decompressed(mem, &mut file) {
+        Ok(kernel) => return Ok(kernel),
+        Err(why) => log::warn!(
+            "kernel: {}: {why}; the guest's decompressor will run instead",
+            path.display()
+        ),
+    }
+    let result = BzImage::load(mem, None, &mut file, himem).map_err(load_err)?;
     Ok(LoadedKernel {
         kind,
-        entry,
+        host_decompressed: None,
+        entry: result.kernel_load.0 + BZIMAGE_64BIT_ENTRY,
         end: result.kernel_end,
         setup_header: result.setup_header,
+    })
+}
+
+/// Why a bzImage's payload was not loaded from the host.
+#[derive(Debug, thiserror::Error)]
+enum HostDecompressError {
+    #[error("cannot read the image: {0}")]
+    Read(std::io::Error),
+    #[error("the image is {0} bytes, more than a bzImage holds")]
+    TooLarge(u64),
+    #[error(transparent)]
+    Payload(#[from] payload::PayloadError),
+    #[error("cannot load the decompressed vmlinux: {0}")]
+    ElfLoad(linux_loader::loader::Error),
+}
+
+/// Reads a bzImage's own setup header (at 0x1f1), as the zero page starts
+/// from it.
+pub fn bzimage_setup_header(image: &[u8]) -> Option<setup_header> {
+    let mut hdr = setup_header::default();
+    let size = hdr.as_slice().len();
+    hdr.as_mut_slice()
+        .copy_from_slice(image.get(0x1f1..0x1f1 + size)?);
+    Some(hdr)
+}
+
+/// Decompresses a bzImage's payload on the host and loads the ELF vmlinux
+/// inside, starting at its ELF entry with the zero page built from the
+/// bzImage's setup header.
+fn load_host_decompressed(
+    mem: &GuestMemoryMmap,
+    file: &mut File,
+) -> Result<LoadedKernel, HostDecompressError> {
+    let started = std::time::Instant::now();
+    let size = file.metadata().map_err(HostDecompressError::Read)?.len();
+    if size > payload::MAX_DECOMPRESSED as u64 {
+        return Err(HostDecompressError::TooLarge(size));
+    }
+    let mut image = Vec::with_capacity(size as usize);
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.read_to_end(&mut image))
+        .map_err(HostDecompressError::Read)?;
+    let payload = payload::decompress_payload(&image)?;
+    let header =
+        bzimage_setup_header(&image).ok_or(payload::PayloadError::ShortHeader(image.len()))?;
+    let elapsed = started.elapsed();
+    let result = Elf::load(
+        mem,
+        None,
+        &mut Cursor::new(payload.elf.as_slice()),
+        Some(GuestAddress(layout::HIMEM_START)),
+    )
+    .map_err(HostDecompressError::ElfLoad)?;
+    log::info!(
+        "kernel: bzImage payload ({}, {:.1} MiB) decompressed on the host in {} ms",
+        payload.format,
+        payload.elf.len() as f64 / (1u64 << 20) as f64,
+        elapsed.as_millis()
+    );
+    Ok(LoadedKernel {
+        kind: ImageKind::BzImage,
+        host_decompressed: Some(payload.format),
+        entry: result.kernel_load.0,
+        end: result.kernel_end,
+        setup_header: Some(header),
     })
 }
 
@@ -264,6 +348,7 @@ mod tests {
     fn zero_page_carries_cmdline_initrd_and_e820() {
         let kernel = LoadedKernel {
             kind: ImageKind::Elf,
+            host_decompressed: None,
             entry: 0x100_0000,
             end: 0x200_0000,
             setup_header: None,
@@ -283,5 +368,56 @@ mod tests {
             ({ last.addr }, { last.size }, { last.r#type }),
             (layout::HIMEM_START, 255 * layout::MIB, 1)
         );
+    }
+
+    /// A synthetic bzImage in a scratch file, loaded into plain guest memory.
+    fn load_synthetic(name: &str, payload: &[u8]) -> (LoadedKernel, GuestMemoryMmap) {
+        use crate::boot::payload::tests::bzimage;
+        let path = std::env::temp_dir().join(format!("pmemvm-{}-{name}", std::process::id()));
+        std::fs::write(&path, bzimage(31, payload)).unwrap();
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 * layout::MIB as usize)])
+                .unwrap();
+        let kernel = load_kernel(&mem, &path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        (kernel, mem)
+    }
+
+    #[test]
+    fn bzimage_payload_is_decompressed_and_loaded_as_elf() {
+        use crate::boot::payload::tests::{gzip, tiny_elf};
+        let (kernel, mem) = load_synthetic("gz", &gzip(&tiny_elf()));
+        assert_eq!(kernel.kind, ImageKind::BzImage);
+        assert_eq!(kernel.host_decompressed, Some(Compression::Gzip));
+        // The ELF entry, not the bzImage's 64-bit entry.
+        assert_eq!(kernel.entry, 0x100_0000);
+        assert_eq!(kernel.end, 0x100_1000);
+        assert_eq!(
+            mem.read_obj::<[u8; 16]>(GuestAddress(0x100_0000)).unwrap(),
+            [0xf4; 16]
+        );
+        // The zero page starts from the file's own setup header.
+        let hdr = kernel.setup_header.unwrap();
+        assert_eq!(({ hdr.version }, { hdr.loadflags }), (0x020f, 1));
+        let p = zero_page(&kernel, 7, Some((0x300_0000, 99)), &[], None);
+        assert_eq!({ p.hdr.version }, 0x020f);
+        assert_eq!({ p.hdr.setup_sects }, 31);
+        assert_eq!({ p.hdr.type_of_loader }, KERNEL_LOADER_OTHER);
+        assert_eq!({ p.hdr.cmd_line_ptr }, layout::CMDLINE_ADDR as u32);
+        assert_eq!({ p.hdr.cmdline_size }, 7);
+        assert_eq!(
+            ({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }),
+            (0x300_0000, 99)
+        );
+    }
+
+    #[test]
+    fn bzimage_with_unknown_payload_falls_back_to_its_own_decompressor() {
+        let (kernel, _mem) = load_synthetic("unknown", b"PK\x03\x04 no kernel compression");
+        assert_eq!(kernel.kind, ImageKind::BzImage);
+        assert_eq!(kernel.host_decompressed, None);
+        // code32_start plus the 64-bit entry offset.
+        assert_eq!(kernel.entry, 0x10_0000 + BZIMAGE_64BIT_ENTRY);
+        assert_eq!({ kernel.setup_header.unwrap().version }, 0x020f);
     }
 }
