@@ -591,9 +591,9 @@ fn run_round(
     let full_vcpus = stdout.try_iter().filter(|l| l.ends_with(" full")).count() as u64;
     let acked = AckFile::read(&acks, layout.vcpus).map_err(ProbeError::EventLoop)?;
     let flushes = read_flush_log(&flush_log).map_err(ProbeError::EventLoop)?;
-    let (mut check, syncs, pages_synced) = match (&ws.cut_fs, image) {
+    let (check, syncs, pages_synced) = match (&ws.cut_fs, image) {
         (Some(fs), Some(image)) => {
-            let c = check(&layout, &acked, |p| image.page(p).to_vec());
+            let mut c = check(&layout, &acked, |p| image.page(p).to_vec());
             let log = fs.sync_log(&name).unwrap_or_default();
             let log = log.get(syncs_at_start..).unwrap_or_default();
             let unlisted = unlisted_pages(log, &flushes);
@@ -613,8 +613,7 @@ fn run_round(
             let pages: u64 = log.iter().map(|s| s.pages.len() as u64).sum();
             let _ = std::fs::remove_file(&backing);
             fs.forget(&name);
-            let mut c = c;
-            c.unlisted_pages = unlisted;
+            c.count_unlisted(unlisted);
             (c, log.len() as u64, pages)
         }
         _ => {
@@ -629,17 +628,6 @@ fn run_round(
             (c, 0, 0)
         }
     };
-    if check.unlisted_pages > 0 {
-        check.lost += check.unlisted_pages;
-        check.first_losses.push((
-            0,
-            0,
-            format!(
-                "{} pages reached the file in a sync but in no flush the engine logged",
-                check.unlisted_pages
-            ),
-        ));
-    }
     Ok(RoundEnd::Checked(RoundRecord {
         round,
         flushes: flushes.len() as u64,

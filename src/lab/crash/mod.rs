@@ -77,6 +77,24 @@ pub struct RoundCheck {
     pub first_losses: Vec<(u8, u64, String)>,
 }
 
+impl RoundCheck {
+    /// Counts `pages` a sync made durable that no engine flush listed as
+    /// lost too, and says so among the first losses.
+    pub fn count_unlisted(&mut self, pages: u64) {
+        self.unlisted_pages = pages;
+        if pages > 0 {
+            self.lost += pages;
+            self.first_losses.push((
+                0,
+                0,
+                format!(
+                    "{pages} pages reached the file in a sync but in no flush the engine logged"
+                ),
+            ));
+        }
+    }
+}
+
 /// How many losses a report spells out.
 const LOSSES_SHOWN: usize = 5;
 
